@@ -1,0 +1,1900 @@
+#!/usr/bin/env python3
+"""misp2defender: keep Microsoft Defender for Endpoint custom indicators in step with MISP.
+
+One run, as cron starts it every few hours:
+
+    config.py ─► Settings ─► MISP source ─► mapping ─► desired set ─┐
+                                                                     ├─► Plan ─► apply ─► Report, exit code
+                          Defender listing ─► existing indicators ──┘
+
+Only the MISP source and the Defender client touch the network. Mapping and planning are pure
+functions over plain data, so the plan is a value that can be printed (``--dry-run``), written
+(``--report``), compared in tests and trusted in production.
+
+Exit codes (one place decides them, ``Report.exit_code``):
+    0  Defender holds what was planned (values Defender would refuse don't count)
+    1  some planned changes did not land, MISP was read only in part, or the run stopped itself
+       (mass-delete guard, tenant cap); the next run picks up what is missing
+    2  the run could not proceed and changed nothing (config, credentials, lock, unreachable)
+
+Sections, in the order a run uses them:
+    Settings · MISP source · Mapping · Defender client · Planning · Applying and reporting ·
+    Command line
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import email.utils
+import fcntl
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import re
+import runpy
+import stat
+import sys
+import threading
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("misp2defender")
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_CANNOT_PROCEED = 0, 1, 2
+
+
+class Misp2DefenderError(Exception):
+    """A failure the run reports in one sentence; ``exit_code`` says what it means for cron."""
+
+    exit_code = EXIT_CANNOT_PROCEED
+
+
+class ConfigError(Misp2DefenderError):
+    pass
+
+
+class CredentialError(Misp2DefenderError):
+    pass
+
+
+class UnreachableError(Misp2DefenderError):
+    pass
+
+
+class LockedError(Misp2DefenderError):
+    pass
+
+
+class DefenderError(Misp2DefenderError):
+    """Defender still refused or failed a call after the bounded retries."""
+
+    exit_code = EXIT_INCOMPLETE
+
+
+# ###########################################################################################
+# Settings
+# ###########################################################################################
+
+INDICATOR_TYPES = ("FileSha1", "FileSha256", "FileMd5", "CertificateThumbprint",
+                   "IpAddress", "DomainName", "Url")
+NETWORK_TYPES = frozenset({"IpAddress", "DomainName", "Url"})
+FILE_TYPES = frozenset({"FileSha1", "FileSha256", "FileMd5"})
+SEVERITIES = ("Informational", "Low", "Medium", "High")
+ACTIONS = ("Warn", "Block", "Audit", "Alert", "AlertAndBlock", "BlockAndRemediate", "Allowed")
+TIME_WINDOW_FILTERS = ("publish_timestamp", "timestamp", "last", "date_from", "date_to")
+SECRET_ENVIRONMENT = {
+    "misp_key": "MISP2DEFENDER_MISP_KEY",
+    "client_secret": "MISP2DEFENDER_CLIENT_SECRET",
+    "otx_alienvault_api": "MISP2DEFENDER_OTX_KEY",
+}
+DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
+DEFAULT_API_URL = "https://api.securitycenter.microsoft.com"
+DEFAULT_SCOPE = "https://api.securitycenter.windows.com/.default"
+
+# defender_cloud presets: API host, login authority, token scope. Gov scopes follow the API host
+# (not stated in Microsoft's gov page; CISA's Untitled Goose Tool and msticpy use the same).
+CLOUDS: dict[str, tuple[str, str, str]] = {
+    "commercial": (DEFAULT_API_URL, DEFAULT_AUTHORITY, DEFAULT_SCOPE),
+    "gcc": ("https://api-gcc.securitycenter.microsoft.us", DEFAULT_AUTHORITY,
+            "https://api-gcc.securitycenter.microsoft.us/.default"),
+    "gcc-high": ("https://api-gov.securitycenter.microsoft.us", "https://login.microsoftonline.us",
+                 "https://api-gov.securitycenter.microsoft.us/.default"),
+    "dod": ("https://api-gov.securitycenter.microsoft.us", "https://login.microsoftonline.us",
+            "https://api-gov.securitycenter.microsoft.us/.default"),
+}
+
+DEFAULTS: dict[str, Any] = {
+    "graph_auth": {"tenant": "", "client_id": "", "client_secret": ""},
+    "max_indicators_per_query": 450,
+    "quota_requests": 25,
+    "targetScope": DEFAULT_SCOPE,
+    "custom_user_agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36",
+    "defender_cloud": "commercial",
+    "defender_api_url": DEFAULT_API_URL,
+    "misp_domain": "",
+    "misp_key": "",
+    "misp_verifycert": True,
+    "misp_event_filters": {
+        "published": True,
+        "tags": ['workflow:state="complete"'],
+        "enforceWarninglist": True,
+        "publish_timestamp": "2d",
+    },
+    "misp_event_limit_per_page": 100,
+    "verbose_log": True,
+    "log_file": "misp2defender.log",
+    "log_json_file": "",
+    "dry_run": False,
+    "write_parsed_eventid": True,
+    "write_parsed_indicators": True,
+    "misp_flatten_attributes": True,
+    "exclude_if_in_alienvault": False,
+    "otx_alienvault_api": "",
+    "otx_alienvault_url": "https://otx.alienvault.com",
+    "otx_max_workers": 16,
+    "days_to_expire_ignore_misp_last_seen": True,
+    "days_to_expire": 50,
+    "days_to_expire_start": "valid_from",
+    "days_to_expire_mapping": {
+        "IpAddress": 90, "FileMd5": 99999, "FileSha1": 99999, "FileSha256": 99999,
+        "Url": 365, "DomainName": 300,
+    },
+    "days_to_expire_tlpclear": 7,
+    "defender_application": "MISP",
+    "defender_severity": "Medium",
+    "defender_recommended_actions": "Block",
+    "defender_generate_alert": True,
+    "defender_action": "Audit",
+    "defender_rbac_group_names": [],
+    "defender_max_indicators": 15000,
+    "check_if_already_in_defender": True,
+    "limit_vetted_attributes_from_specific_events": ['curation:source="MISP-TEST"'],
+    "vetted_attribute_classifier": ['course-of-action:active="deny"'],
+    "remove_guard_percent": 50,
+    "max_retries": 5,
+    "request_timeout": 60,
+    "lock_file": "",
+    "proxies": {},
+}
+GRAPH_AUTH_KEYS = ("tenant", "client_id", "client_secret", "authority",
+                   "client_certificate", "client_certificate_thumbprint")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run reads from config.py, validated and with defaults and presets resolved."""
+
+    tenant: str
+    client_id: str
+    client_secret: str
+    client_certificate: str
+    client_certificate_thumbprint: str
+    authority: str
+    target_scope: str
+    api_url: str
+    user_agent: str
+    max_indicators_per_query: int
+    quota_requests: int
+    misp_url: str
+    misp_key: str
+    misp_verifycert: bool | str
+    misp_event_filters: Mapping[str, Any]
+    misp_page_size: int
+    misp_flatten_attributes: bool
+    verbose_log: bool
+    log_file: str
+    log_json_file: str
+    dry_run: bool
+    write_parsed_eventid: bool
+    write_parsed_indicators: bool
+    exclude_if_in_alienvault: bool
+    otx_key: str
+    otx_url: str
+    otx_max_workers: int
+    ignore_last_seen: bool
+    days_to_expire: int
+    expire_from_current_date: bool
+    days_to_expire_mapping: Mapping[str, int]
+    days_to_expire_tlpclear: int
+    application: str
+    severity: str
+    recommended_actions: str
+    generate_alert: bool
+    action: str
+    rbac_group_names: tuple[str, ...]
+    max_indicators: int
+    check_existing: bool
+    vetted_event_tags: frozenset[str]
+    vetted_attribute_tags: frozenset[str]
+    remove_guard_percent: float
+    max_retries: int
+    request_timeout: float
+    lock_file: str
+    proxies: Mapping[str, str]
+    config_path: str = ""
+
+    @property
+    def has_defender_credentials(self) -> bool:
+        return bool(self.tenant and self.client_id and (self.client_secret or self.client_certificate))
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never be written anywhere."""
+        return [s for s in (self.client_secret, self.misp_key, self.otx_key) if s]
+
+    def days_for(self, indicator_type: str) -> int:
+        return int(self.days_to_expire_mapping.get(indicator_type, self.days_to_expire))
+
+
+def load_config_module(path: str | Path) -> dict[str, Any]:
+    """Execute config.py and return its public names (no network, nothing else imported)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: copy config.py.default to config.py "
+                          "and fill in your settings (or pass --config PATH)")
+    try:
+        namespace = runpy.run_path(str(path), run_name="misp2defender_config")
+    except Exception as exc:  # a syntax error in the user's config is a config error
+        raise ConfigError(f"config file {path} could not be loaded: {type(exc).__name__}: {exc}") from None
+    return {name: value for name, value in namespace.items()
+            if not name.startswith("_") and not callable(value) and not isinstance(value, type(os))}
+
+
+def _expect(name: str, value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
+    # bool is an int in Python; a True where a number belongs is a typo, not a number.
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ConfigError(f"config key {name} must be {what}, not {value!r}")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"config key {name} must be {what}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def _one_of(name: str, value: Any, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"config key {name} is {value!r}; allowed values: {', '.join(allowed)}")
+    return value
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
+    _expect(name, value, int, "a whole number")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"config key {name} must be {bound}, not {value}")
+    return value
+
+
+def _tag_list(name: str, value: Any) -> frozenset[str]:
+    _expect(name, value, (list, tuple, set), "a list of tag names")
+    for item in value:
+        _expect(name, item, str, "a list of tag names")
+    return frozenset(value)
+
+
+def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                   config_path: str = "") -> Settings:
+    """Validate config names, types and values; resolve presets and environment secrets.
+
+    Runs before any network call: every mistake here names the config key that is wrong.
+    """
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    for name in unknown:
+        log.warning("config key %s is not a misp2defender setting (a typo?); it is ignored", name)
+    cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in DEFAULTS}}
+
+    auth = _expect("graph_auth", cfg["graph_auth"], dict, "a dict")
+    for key in set(auth) - set(GRAPH_AUTH_KEYS):
+        log.warning("config key graph_auth['%s'] is not known (a typo?); it is ignored", key)
+    auth_values = {}
+    for key in GRAPH_AUTH_KEYS:
+        auth_values[key] = _expect(f"graph_auth['{key}']", auth.get(key) or "", str, "a string").strip()
+    client_secret = environ.get(SECRET_ENVIRONMENT["client_secret"]) or auth_values["client_secret"]
+    misp_key = environ.get(SECRET_ENVIRONMENT["misp_key"]) or _expect("misp_key", cfg["misp_key"], str, "a string")
+    otx_key = environ.get(SECRET_ENVIRONMENT["otx_alienvault_api"]) or _expect(
+        "otx_alienvault_api", cfg["otx_alienvault_api"], str, "a string")
+
+    cloud = _one_of("defender_cloud", cfg["defender_cloud"], CLOUDS)
+    cloud_api, cloud_authority, cloud_scope = CLOUDS[cloud]
+    api_url = raw.get("defender_api_url", cloud_api)
+    authority = auth_values["authority"] or cloud_authority
+    scope = raw.get("targetScope", cloud_scope)
+    for name, url in (("defender_api_url", api_url), ("graph_auth['authority']", authority)):
+        _expect(name, url, str, "an https URL")
+        if not url.startswith("https://"):
+            raise ConfigError(f"config key {name} must be an https URL, not {url!r}")
+    _expect("targetScope", scope, str, "a string")
+    if not scope:
+        raise ConfigError("config key targetScope must not be empty")
+
+    misp_url = _expect("misp_domain", cfg["misp_domain"], str, "a URL").strip()
+    if not misp_url:
+        raise ConfigError("config key misp_domain is required: the full URL of your MISP instance")
+    if not misp_url.startswith(("http://", "https://")):
+        raise ConfigError(f"config key misp_domain must start with https:// or http://, not {misp_url!r}")
+    if not misp_key:
+        raise ConfigError("config key misp_key is required (or set MISP2DEFENDER_MISP_KEY): "
+                          "a MISP API key that can read events")
+    verify = _expect("misp_verifycert", cfg["misp_verifycert"], (bool, str), "True, False or a CA bundle path")
+    if isinstance(verify, str) and not Path(verify).is_file():
+        raise ConfigError(f"config key misp_verifycert names a CA bundle {verify!r} that does not exist")
+
+    filters = _expect("misp_event_filters", cfg["misp_event_filters"], dict, "a dict of MISP restSearch filters")
+    dry_run = _expect("dry_run", cfg["dry_run"], bool, "True or False")
+    if not dry_run:
+        for key in ("tenant", "client_id"):
+            if not auth_values[key]:
+                raise ConfigError(f"config key graph_auth['{key}'] is required: "
+                                  "see the Entra application section of the README")
+        if not client_secret and not auth_values["client_certificate"]:
+            raise ConfigError("config key graph_auth['client_secret'] is required (or set "
+                              "MISP2DEFENDER_CLIENT_SECRET, or use graph_auth['client_certificate'])")
+    if auth_values["client_certificate"]:
+        if not Path(auth_values["client_certificate"]).is_file():
+            raise ConfigError("config key graph_auth['client_certificate'] names a file that does not "
+                              f"exist: {auth_values['client_certificate']!r}")
+        if not re.fullmatch(r"[0-9A-Fa-f]{40}", auth_values["client_certificate_thumbprint"].replace(":", "")):
+            raise ConfigError("config key graph_auth['client_certificate_thumbprint'] must be the "
+                              "certificate's SHA-1 thumbprint (40 hex digits)")
+
+    mapping = _expect("days_to_expire_mapping", cfg["days_to_expire_mapping"], dict, "a dict")
+    for key, days in mapping.items():
+        _one_of("days_to_expire_mapping", key, INDICATOR_TYPES)
+        _positive_int(f"days_to_expire_mapping['{key}']", days, minimum=0)
+    start = _one_of("days_to_expire_start", cfg["days_to_expire_start"], ("valid_from", "current_date"))
+    exclude_otx = _expect("exclude_if_in_alienvault", cfg["exclude_if_in_alienvault"], bool, "True or False")
+    if exclude_otx and not otx_key:
+        raise ConfigError("config key otx_alienvault_api is required when exclude_if_in_alienvault "
+                          "is True (or set MISP2DEFENDER_OTX_KEY)")
+    rbac = _expect("defender_rbac_group_names", cfg["defender_rbac_group_names"], (list, tuple), "a list")
+    for group in rbac:
+        _expect("defender_rbac_group_names", group, str, "a list of device group names")
+    proxies = _expect("proxies", cfg["proxies"], dict, "a dict like {'https': 'http://proxy:3128'}")
+    guard = _expect("remove_guard_percent", cfg["remove_guard_percent"], (int, float), "a percentage")
+    if not 0 <= guard <= 100:
+        raise ConfigError(f"config key remove_guard_percent must be between 0 and 100, not {guard}")
+    timeout = _expect("request_timeout", cfg["request_timeout"], (int, float), "a number of seconds")
+    if timeout <= 0:
+        raise ConfigError(f"config key request_timeout must be positive, not {timeout}")
+    log_file = _expect("log_file", cfg["log_file"], str, "a file path")
+    lock_file = _expect("lock_file", cfg["lock_file"], str, "a file path") or str(
+        Path(log_file or "misp2defender.log").with_name("misp2defender.lock"))
+
+    def flag(name: str) -> bool:
+        return _expect(name, cfg[name], bool, "True or False")
+
+    def text(name: str) -> str:
+        return _expect(name, cfg[name], str, "a string")
+
+    application = text("defender_application")
+    if not application.strip():
+        raise ConfigError("config key defender_application must not be empty: it marks the "
+                          "indicators this tool owns")
+    return Settings(
+        tenant=auth_values["tenant"], client_id=auth_values["client_id"], client_secret=client_secret,
+        client_certificate=auth_values["client_certificate"],
+        client_certificate_thumbprint=auth_values["client_certificate_thumbprint"].replace(":", ""),
+        authority=authority.rstrip("/"), target_scope=scope, api_url=api_url.rstrip("/"),
+        user_agent=text("custom_user_agent") or f"misp2defender/{__version__}",
+        max_indicators_per_query=_positive_int("max_indicators_per_query", cfg["max_indicators_per_query"],
+                                               maximum=500),
+        quota_requests=_positive_int("quota_requests", cfg["quota_requests"]),
+        misp_url=misp_url, misp_key=misp_key, misp_verifycert=verify,
+        misp_event_filters=dict(filters),
+        misp_page_size=_positive_int("misp_event_limit_per_page", cfg["misp_event_limit_per_page"]),
+        misp_flatten_attributes=flag("misp_flatten_attributes"),
+        verbose_log=flag("verbose_log"), log_file=log_file, log_json_file=text("log_json_file"),
+        dry_run=dry_run, write_parsed_eventid=flag("write_parsed_eventid"),
+        write_parsed_indicators=flag("write_parsed_indicators"),
+        exclude_if_in_alienvault=exclude_otx, otx_key=otx_key,
+        otx_url=text("otx_alienvault_url").rstrip("/"),
+        otx_max_workers=_positive_int("otx_max_workers", cfg["otx_max_workers"], maximum=64),
+        ignore_last_seen=flag("days_to_expire_ignore_misp_last_seen"),
+        days_to_expire=_positive_int("days_to_expire", cfg["days_to_expire"], minimum=0),
+        expire_from_current_date=start == "current_date",
+        days_to_expire_mapping=dict(mapping),
+        days_to_expire_tlpclear=_positive_int("days_to_expire_tlpclear", cfg["days_to_expire_tlpclear"], minimum=0),
+        application=application, severity=_one_of("defender_severity", cfg["defender_severity"], SEVERITIES),
+        recommended_actions=text("defender_recommended_actions"),
+        generate_alert=flag("defender_generate_alert"),
+        action=_one_of("defender_action", cfg["defender_action"], ACTIONS),
+        rbac_group_names=tuple(rbac),
+        max_indicators=_positive_int("defender_max_indicators", cfg["defender_max_indicators"]),
+        check_existing=flag("check_if_already_in_defender"),
+        vetted_event_tags=_tag_list("limit_vetted_attributes_from_specific_events",
+                                    cfg["limit_vetted_attributes_from_specific_events"]),
+        vetted_attribute_tags=_tag_list("vetted_attribute_classifier", cfg["vetted_attribute_classifier"]),
+        remove_guard_percent=float(guard),
+        max_retries=_positive_int("max_retries", cfg["max_retries"], minimum=0),
+        request_timeout=float(timeout), lock_file=lock_file, proxies=dict(proxies),
+        config_path=config_path,
+    )
+
+
+def warn_if_config_exposes_secrets(path: str | Path, raw: Mapping[str, Any]) -> None:
+    """A config.py holding a secret should be readable by its owner only."""
+    auth = raw.get("graph_auth") if isinstance(raw.get("graph_auth"), dict) else {}
+    holds_secret = any(raw.get(k) for k in ("misp_key", "otx_alienvault_api")) or bool(auth.get("client_secret"))
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return
+    if holds_secret and mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("%s holds a secret and is readable by other users: run 'chmod 600 %s' or move the "
+                    "secrets to MISP2DEFENDER_* environment variables", path, path)
+
+
+# ###########################################################################################
+# MISP source
+# ###########################################################################################
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """What mapping needs to know about the event an attribute came from."""
+
+    id: str
+    uuid: str
+    info: str
+    tags: frozenset[str]
+    timestamp: float
+
+
+@dataclass
+class MispReadStatus:
+    """Whether the MISP read saw everything the filters select; an incomplete read forbids deletes."""
+
+    complete: bool = True
+    events: int = 0
+    pages: int = 0
+    error: str = ""
+
+
+def tag_names(container: Any) -> frozenset[str]:
+    """Tag names of an event or attribute dict, tolerating the shapes hostile data takes."""
+    tags = container.get("Tag") if isinstance(container, dict) else None
+    if not isinstance(tags, list):
+        return frozenset()
+    return frozenset(t["name"] for t in tags if isinstance(t, dict) and isinstance(t.get("name"), str))
+
+
+def _epoch(value: Any, default: float = 0.0) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
+def event_context(event: dict) -> EventContext:
+    return EventContext(id=str(event.get("id") or ""), uuid=str(event.get("uuid") or ""),
+                        info=str(event.get("info") or ""), tags=tag_names(event),
+                        timestamp=_epoch(event.get("timestamp")))
+
+
+def event_attributes(event: dict, flatten_objects: bool) -> Iterator[Any]:
+    """Top-level attributes, then (when flattening) those inside objects."""
+    attributes = event.get("Attribute")
+    if isinstance(attributes, list):
+        yield from attributes
+    objects = event.get("Object") if flatten_objects else None
+    if isinstance(objects, list):
+        for obj in objects:
+            inner = obj.get("Attribute") if isinstance(obj, dict) else None
+            if isinstance(inner, list):
+                yield from inner
+
+
+def selection_filters(filters: Mapping[str, Any], full_sync: bool) -> dict[str, Any]:
+    """The user's filters; a full sync drops the time window to see the whole selected set."""
+    selected = dict(filters)
+    if full_sync:
+        for key in TIME_WINDOW_FILTERS:
+            selected.pop(key, None)
+    return selected
+
+
+def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff with jitter, so that many clients do not retry in step."""
+    return min(cap, base * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
+class MispSource:
+    """Reads MISP through PyMISP, page by page, with bounded retries per page."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.misp = self._connect()
+
+    def _connect(self) -> Any:
+        import pymisp
+        import urllib3
+
+        s = self.settings
+        if s.misp_verifycert is False and s.misp_url.startswith("https://"):
+            # One warning per run instead of one per request.
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+            log.warning("misp_verifycert is False: the MISP server certificate is not verified")
+        for attempt in range(s.max_retries + 1):
+            try:
+                return pymisp.PyMISP(s.misp_url, s.misp_key, ssl=s.misp_verifycert, timeout=s.request_timeout,
+                                     proxies=s.proxies or None, tool=f"misp2defender/{__version__}")
+            except pymisp.PyMISPError as exc:
+                if "403" in str(exc) or "401" in str(exc) or "Authentication" in str(exc):
+                    raise CredentialError(f"MISP rejected the API key (misp_key) at {s.misp_url}: check the "
+                                          "key and that its user may use the API") from None
+                problem = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # requests' connection errors, TLS failures, timeouts
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt < s.max_retries:
+                time.sleep(_backoff(attempt))
+        raise UnreachableError(f"MISP at {s.misp_url} is unreachable or failing: {redact(problem, s.secrets)}")
+
+    def _search(self, controller: str, **query: Any) -> Any:
+        """One restSearch call, retried on server errors; a MISP error answer is raised, never empty."""
+        import pymisp
+
+        last = ""
+        for attempt in range(self.settings.max_retries + 1):
+            try:
+                result = self.misp.search(controller=controller, return_format="json", **query)
+            except pymisp.PyMISPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # connection reset, timeout
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if isinstance(result, dict) and "errors" in result:
+                    last = f"MISP answered {result['errors']!r}"
+                    status = result["errors"][0] if isinstance(result["errors"], (list, tuple)) else None
+                    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+                        break  # a client error will not fix itself by retrying
+                else:
+                    return result
+            if attempt < self.settings.max_retries:
+                time.sleep(_backoff(attempt))
+        raise UnreachableError(redact(last, self.settings.secrets))
+
+    def events(self, full_sync: bool, status: MispReadStatus) -> Iterator[dict]:
+        """Yield the selected events page by page; record in ``status`` whether the read completed.
+
+        Soft-deleted attributes are requested too (``deleted: [0, 1]``) so that a retraction
+        inside the time window can be seen and acted on.
+        """
+        filters = selection_filters(self.settings.misp_event_filters, full_sync)
+        filters.setdefault("deleted", [0, 1])
+        single_page = "limit" in filters
+        page = 1
+        while True:
+            query = dict(filters) if single_page else {**filters, "limit": self.settings.misp_page_size,
+                                                        "page": page}
+            try:
+                result = self._search("events", **query)
+            except UnreachableError as exc:
+                status.complete = False
+                status.error = f"MISP events page {page} failed: {exc}"
+                log.error("%s; nothing will be deleted in this run", status.error)
+                return
+            status.pages += 1
+            events = result if isinstance(result, list) else []
+            for item in events:
+                event = item.get("Event", item) if isinstance(item, dict) else None
+                if isinstance(event, dict):
+                    status.events += 1
+                    yield event
+            if single_page or len(events) < self.settings.misp_page_size:
+                return
+            page += 1
+
+    def attributes_with_values(self, values: list[str]) -> list[tuple[dict, EventContext]]:
+        """Attributes the filters still select (no time window, to_ids on) carrying one of ``values``."""
+        filters = selection_filters(self.settings.misp_event_filters, full_sync=True)
+        filters.pop("limit", None)
+        filters.pop("page", None)
+        found = []
+        for start in range(0, len(values), 200):
+            result = self._search("attributes", value=values[start:start + 200], to_ids=1,
+                                  include_event_tags=True, **filters)
+            attributes = result.get("Attribute", []) if isinstance(result, dict) else []
+            for attribute in attributes:
+                if isinstance(attribute, dict):
+                    found.append((attribute, event_context(attribute.get("Event") or {})))
+        return found
+
+
+# ###########################################################################################
+# Mapping
+# ###########################################################################################
+
+# MISP attribute type → (Defender indicator type, which part of a composite value to take).
+# The part is None for plain values, 0 for the left of "a|b", 1 for the right.
+TYPE_MAP: dict[str, tuple[str, int | None]] = {
+    "md5": ("FileMd5", None), "sha1": ("FileSha1", None), "sha256": ("FileSha256", None),
+    "filename|md5": ("FileMd5", 1), "filename|sha1": ("FileSha1", 1), "filename|sha256": ("FileSha256", 1),
+    "malware-sample": ("FileMd5", 1),
+    "ip-src": ("IpAddress", None), "ip-dst": ("IpAddress", None),
+    "ip-src|port": ("IpAddress", 0), "ip-dst|port": ("IpAddress", 0),
+    "domain": ("DomainName", None), "hostname": ("DomainName", None), "hostname|port": ("DomainName", 0),
+    "url": ("Url", None),
+    "x509-fingerprint-sha1": ("CertificateThumbprint", None),
+}
+# domain|ip is the one type that yields two indicators.
+SPLIT_TYPES: dict[str, tuple[tuple[str, int], ...]] = {
+    "domain|ip": (("DomainName", 0), ("IpAddress", 1)),
+}
+
+THREAT_LEVEL_SEVERITY = {
+    'misp:threat-level="high-risk"': "High",
+    'misp:threat-level="medium-risk"': "Medium",
+    'misp:threat-level="low-risk"': "Low",
+    'misp:threat-level="no-risk"': "Informational",
+}
+# course-of-action taxonomy: active measures block, passive ones watch (as cudeso's tool does).
+COURSE_OF_ACTION = {"active": "Block", "passive": "Audit"}
+COURSE_OF_ACTION_PREFIXES = ("course-of-action:", "coa:")
+TLP_CLEAR_TAGS = frozenset({"tlp:clear", "tlp:white"})
+SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+ACTION_RANK = {"Allowed": 0, "Audit": 1, "Alert": 1, "Warn": 2, "Block": 3, "AlertAndBlock": 3,
+               "BlockAndRemediate": 3}
+TITLE_LIMIT, DESCRIPTION_LIMIT = 100, 1000  # undocumented limits: stay conservative
+HEX_LENGTH = {"FileMd5": 32, "FileSha1": 40, "FileSha256": 64, "CertificateThumbprint": 40}
+_DEFANG = (("hxxps", "https"), ("hxxp", "http"), ("[.]", "."), ("(.)", "."), ("[dot]", "."),
+           ("[:]", ":"), ("[://]", "://"))
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+class Rejected(ValueError):
+    """A value Defender would refuse; the message is the reason users read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One indicator the run wants in Defender, with just enough provenance to explain it."""
+
+    indicator_type: str
+    value: str
+    action: str
+    severity: str
+    expiration: float | None  # epoch seconds; None = never expires
+    lifetime_days: int
+    title: str
+    event_id: str
+    event_uuid: str
+    attribute_type: str
+    category: str
+    comment: str
+    attribute_timestamp: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.indicator_type, self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What mapping made of one attribute: a candidate, a retraction, a rejection or a skip."""
+
+    kind: str  # "candidate" | "retraction" | "rejected" | "skipped"
+    reason: str = ""
+    candidate: Candidate | None = None
+    key: tuple[str, str] | None = None
+    detail: Mapping[str, str] | None = None
+
+
+def refang(value: str) -> str:
+    for fanged, plain in _DEFANG:
+        value = value.replace(fanged, plain).replace(fanged.upper(), plain)
+    return value
+
+
+def normalise_hash(indicator_type: str, value: str) -> str:
+    cleaned = value.strip().lower()
+    if indicator_type == "CertificateThumbprint":
+        cleaned = cleaned.replace(":", "").replace(" ", "")
+    length = HEX_LENGTH[indicator_type]
+    if len(cleaned) != length or not all(c in "0123456789abcdef" for c in cleaned):
+        raise Rejected(f"malformed {indicator_type} hash (expected {length} hex digits)")
+    return cleaned
+
+
+def normalise_ip(value: str) -> str:
+    cleaned = refang(value.strip())
+    if "/" in cleaned:
+        raise Rejected("CIDR ranges are not supported by Defender")
+    if "-" in cleaned:
+        raise Rejected("IP ranges are not supported by Defender")
+    try:
+        address = ipaddress.ip_address(cleaned.strip("[]"))
+    except ValueError:
+        raise Rejected("not a valid IP address") from None
+    if not address.is_global or address.is_multicast:
+        raise Rejected("private, loopback or reserved IP address (Defender takes external IPs only)")
+    if address.version == 6:
+        # Defender asks for all eight groups (2001:4860:4860:0:0:0:0:8888).
+        return ":".join(f"{int(group, 16):x}" for group in address.exploded.split(":"))
+    return str(address)
+
+
+def normalise_domain(value: str) -> str:
+    cleaned = refang(value.strip()).lower().rstrip(".")
+    if cleaned.startswith("*."):
+        cleaned = cleaned[2:]  # Defender domain indicators already cover subdomains
+    if not cleaned:
+        raise Rejected("empty domain")
+    try:
+        ipaddress.ip_address(cleaned)
+    except ValueError:
+        pass
+    else:
+        raise Rejected("an IP address, not a domain name")
+    try:
+        ascii_name = cleaned.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise Rejected("not a valid domain name (IDN encoding failed)") from None
+    labels = ascii_name.split(".")
+    if (len(ascii_name) > 253 or len(labels) < 2 or labels[-1].isdigit()
+            or not all(_LABEL.fullmatch(label) for label in labels)):
+        raise Rejected("not a valid domain name")
+    return ascii_name
+
+
+def normalise_url(value: str) -> str:
+    cleaned = refang(value.strip())
+    if not cleaned or any(c.isspace() for c in cleaned):
+        raise Rejected("not a valid URL (empty or contains spaces)")
+    has_scheme = "://" in cleaned
+    parts = urlsplit(cleaned if has_scheme else f"http://{cleaned}")
+    if parts.scheme.lower() not in ("http", "https", "ftp"):
+        raise Rejected(f"unsupported URL scheme {parts.scheme!r}")
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        normalise_ip(host)
+        netloc = parts.netloc.lower()
+    except Rejected:
+        raise
+    except ValueError:
+        netloc = normalise_domain(host) + (f":{parts.port}" if _safe_port(parts) else "")
+    if not has_scheme:
+        # Scheme-less MISP urls are sent as MISP holds them (host normalised): Defender's docs do
+        # not say whether it adds a scheme, and adding one could miss https traffic.
+        return netloc + urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, parts.fragment))
+
+
+def _safe_port(parts: Any) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        raise Rejected("not a valid URL (bad port)") from None
+
+
+NORMALISERS: dict[str, Callable[[str], str]] = {
+    "FileMd5": lambda v: normalise_hash("FileMd5", v),
+    "FileSha1": lambda v: normalise_hash("FileSha1", v),
+    "FileSha256": lambda v: normalise_hash("FileSha256", v),
+    "CertificateThumbprint": lambda v: normalise_hash("CertificateThumbprint", v),
+    "IpAddress": normalise_ip,
+    "DomainName": normalise_domain,
+    "Url": normalise_url,
+}
+
+
+def normalise(indicator_type: str, value: str) -> str:
+    return NORMALISERS[indicator_type](value)
+
+
+def normalise_existing(indicator_type: str, value: str) -> str:
+    """Normalise a value Defender holds, so it compares with ours; tolerate what we'd reject."""
+    try:
+        return normalise(indicator_type, value)
+    except Rejected:
+        return value.strip().lower() if indicator_type != "Url" else value.strip()
+
+
+def action_for(indicator_type: str, wanted: str) -> tuple[str, bool]:
+    """An action Defender accepts for this type, and whether it forces generateAlert.
+
+    Legacy Alert/AlertAndBlock map to their documented successors; network indicators can't
+    BlockAndRemediate; certificates only Allow or BlockAndRemediate.
+    """
+    force_alert = wanted in ("Alert", "AlertAndBlock", "Audit")
+    action = {"Alert": "Audit", "AlertAndBlock": "BlockAndRemediate"}.get(wanted, wanted)
+    if indicator_type in NETWORK_TYPES and action == "BlockAndRemediate":
+        action = "Block"
+    if indicator_type == "CertificateThumbprint":
+        if action in ("Block", "BlockAndRemediate"):
+            action = "BlockAndRemediate"
+        elif action != "Allowed":
+            raise Rejected(f"Defender certificate indicators support only Allowed or BlockAndRemediate, "
+                           f"not {wanted}")
+    return action, force_alert
+
+
+def _tag_override(tags: frozenset[str], table: Mapping[str, str]) -> str | None:
+    found = [table[t] for t in tags if t in table]
+    return max(found, key=lambda s: SEVERITY_RANK[s]) if found else None
+
+
+def _course_of_action(tags: frozenset[str]) -> str | None:
+    found = []
+    for tag in tags:
+        for prefix in COURSE_OF_ACTION_PREFIXES:
+            if tag.startswith(prefix):
+                predicate = tag[len(prefix):].split("=", 1)[0]
+                if predicate in COURSE_OF_ACTION:
+                    found.append(COURSE_OF_ACTION[predicate])
+    return max(found, key=ACTION_RANK.__getitem__) if found else None
+
+
+def _iso_epoch(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+MAX_EPOCH = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+
+
+def expiration_for(settings: Settings, indicator_type: str, tags: frozenset[str], attribute: dict,
+                   now: float) -> tuple[float | None, int]:
+    """Expiry per the README: per-type days from valid_from or now, TLP:CLEAR shorter, last_seen."""
+    days = settings.days_for(indicator_type)
+    if tags & TLP_CLEAR_TAGS:
+        days = min(days, settings.days_to_expire_tlpclear)
+    if not settings.ignore_last_seen:
+        last_seen = _iso_epoch(attribute.get("last_seen"))
+        if last_seen is not None:
+            return last_seen, days
+    if settings.expire_from_current_date:
+        start = now
+    else:
+        start = _iso_epoch(attribute.get("first_seen"))
+        if start is None:
+            start = _epoch(attribute.get("timestamp"), now) or now
+    return min(start + days * 86400.0, MAX_EPOCH), days
+
+
+def _skip(reason: str) -> list[Outcome]:
+    return [Outcome("skipped", reason)]
+
+
+def map_attribute(attribute: Any, event: EventContext, settings: Settings, now: float) -> list[Outcome]:
+    """Attribute → outcomes. Pure: no I/O, no globals but the tables above."""
+    if not isinstance(attribute, dict):
+        return _skip("attribute is not an object")
+    misp_type = attribute.get("type")
+    if not isinstance(misp_type, str):
+        return _skip("attribute has no type")
+    if misp_type in SPLIT_TYPES:
+        parts = SPLIT_TYPES[misp_type]
+    elif misp_type in TYPE_MAP:
+        parts = (TYPE_MAP[misp_type],)
+    else:
+        return _skip(f"type {misp_type} has no Defender indicator type")
+    raw_value = attribute.get("value")
+    detail = {"event_id": event.id, "event_uuid": event.uuid, "attribute_uuid": str(attribute.get("uuid") or ""),
+              "type": misp_type, "value": str(raw_value)[:200]}
+    if not isinstance(raw_value, str) or not raw_value.strip():
+        return [Outcome("rejected", "empty or missing value", detail=detail)]
+    if any(part is not None for _, part in parts) and raw_value.count("|") != 1:
+        return [Outcome("rejected", f"composite {misp_type} value must hold exactly one '|'", detail=detail)]
+
+    keys = []
+    for indicator_type, part in parts:
+        value = raw_value if part is None else raw_value.split("|", 1)[part]
+        try:
+            keys.append((indicator_type, normalise(indicator_type, value)))
+        except Rejected as exc:
+            if len(parts) == 1:
+                return [Outcome("rejected", str(exc), detail=detail)]
+            # domain|ip: one bad half does not spoil the other.
+            keys.append((indicator_type, Rejected(str(exc))))
+
+    attribute_tags = tag_names(attribute)
+    deleted, to_ids = attribute.get("deleted"), attribute.get("to_ids")
+    retracted = ("deleted in MISP" if deleted is True or deleted in ("1", 1)
+                 else "to_ids turned off" if to_ids is False or to_ids in ("0", 0) else "")
+    if not retracted and to_ids not in (True, 1, "1"):
+        return _skip("to_ids is not set")
+    vetted_event = bool(event.tags & settings.vetted_event_tags)
+    not_vetted = vetted_event and not (attribute_tags & settings.vetted_attribute_tags)
+
+    outcomes = []
+    all_tags = event.tags | attribute_tags
+    severity = (_tag_override(attribute_tags, THREAT_LEVEL_SEVERITY) or _tag_override(event.tags, THREAT_LEVEL_SEVERITY)
+                or settings.severity)
+    wanted_action = _course_of_action(attribute_tags) or _course_of_action(event.tags) or settings.action
+    for indicator_type, value in keys:
+        if isinstance(value, Rejected):
+            outcomes.append(Outcome("rejected", str(value), detail=detail))
+            continue
+        key = (indicator_type, value)
+        if retracted:
+            outcomes.append(Outcome("retraction", retracted, key=key))
+            continue
+        if not_vetted:
+            outcomes.append(Outcome("skipped", "event needs vetted attributes; attribute not vetted", key=key))
+            continue
+        try:
+            action, _ = action_for(indicator_type, wanted_action)
+        except Rejected as exc:
+            outcomes.append(Outcome("rejected", str(exc), detail=detail))
+            continue
+        expiration, days = expiration_for(settings, indicator_type, all_tags, attribute, now)
+        if expiration is not None and expiration <= now:
+            outcomes.append(Outcome("skipped", "already expired", key=key))
+            continue
+        comment = attribute.get("comment")
+        category = attribute.get("category")
+        outcomes.append(Outcome("candidate", candidate=Candidate(
+            indicator_type=indicator_type, value=value, action=action, severity=severity,
+            expiration=expiration, lifetime_days=days,
+            title=(event.info or f"MISP event {event.id}")[:TITLE_LIMIT],
+            event_id=event.id, event_uuid=event.uuid, attribute_type=misp_type,
+            category=category if isinstance(category, str) else "",
+            comment=comment[:500] if isinstance(comment, str) else "",
+            attribute_timestamp=_epoch(attribute.get("timestamp"), event.timestamp))))
+    return outcomes
+
+
+def stronger(a: Candidate, b: Candidate) -> Candidate:
+    """Of two candidates for one key: strongest severity, then latest expiry, then newest attribute."""
+    def rank(c: Candidate) -> tuple:
+        return (SEVERITY_RANK[c.severity], math.inf if c.expiration is None else c.expiration,
+                c.attribute_timestamp, c.event_uuid)
+    return a if rank(a) >= rank(b) else b
+
+
+def format_time(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def indicator_json(candidate: Candidate, settings: Settings) -> dict[str, Any]:
+    """The Defender import item for a candidate (field names are case-sensitive)."""
+    description = (f"MISP event {candidate.event_id} ({candidate.event_uuid}), attribute "
+                   f"{candidate.attribute_type}/{candidate.category or 'uncategorised'}")
+    if candidate.comment:
+        description += f": {candidate.comment}"
+    _, force_alert = action_for(candidate.indicator_type, candidate.action)
+    item = {
+        "indicatorValue": candidate.value,
+        "indicatorType": candidate.indicator_type,
+        "action": candidate.action,
+        "application": settings.application,
+        "title": candidate.title,
+        "description": description[:DESCRIPTION_LIMIT],
+        "severity": candidate.severity,
+        "recommendedActions": settings.recommended_actions,
+        "generateAlert": settings.generate_alert or force_alert,
+        "expirationTime": format_time(candidate.expiration),
+    }
+    if settings.rbac_group_names:
+        item["rbacGroupNames"] = list(settings.rbac_group_names)
+    return item
+
+
+@dataclass
+class Desired:
+    """The mapped result of a MISP read: what Defender should hold, and why the rest was left."""
+
+    candidates: dict[tuple[str, str], Candidate] = field(default_factory=dict)
+    retractions: dict[tuple[str, str], str] = field(default_factory=dict)
+    rejected: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    rejected_items: list[dict] = field(default_factory=list)
+    attributes: int = 0
+    duplicates: int = 0
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.kind == "candidate":
+            candidate = outcome.candidate
+            existing = self.candidates.get(candidate.key)
+            if existing is not None:
+                self.duplicates += 1
+                candidate = stronger(existing, candidate)
+            self.candidates[candidate.key] = candidate
+        elif outcome.kind == "retraction":
+            self.retractions.setdefault(outcome.key, outcome.reason)
+        elif outcome.kind == "rejected":
+            self.rejected[outcome.reason] += 1
+            if len(self.rejected_items) < 1000:
+                self.rejected_items.append({**(outcome.detail or {}), "reason": outcome.reason})
+        else:
+            self.skipped[outcome.reason] += 1
+
+    def finish(self) -> None:
+        """A value that one attribute retracts but another still carries is not retracted."""
+        for key in list(self.retractions):
+            if key in self.candidates:
+                del self.retractions[key]
+
+
+def collect(events: Iterable[dict], settings: Settings, now: float,
+            on_event: Callable[[EventContext], None] | None = None) -> Desired:
+    desired = Desired()
+    for event in events:
+        context = event_context(event)
+        if on_event:
+            on_event(context)
+        for attribute in event_attributes(event, settings.misp_flatten_attributes):
+            desired.attributes += 1
+            for outcome in map_attribute(attribute, context, settings, now):
+                desired.add(outcome)
+    desired.finish()
+    return desired
+
+
+# ###########################################################################################
+# Defender client
+# ###########################################################################################
+
+# Documented per-endpoint limits: (calls, window seconds).
+ENDPOINT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
+    "import": ((30, 60.0),),
+    "list": ((100, 60.0), (1500, 3600.0)),
+    "submit": ((100, 60.0), (1500, 3600.0)),
+    "delete": ((100, 60.0), (1500, 3600.0)),
+    "batch_delete": ((30, 60.0), (1500, 3600.0)),
+}
+LIST_PAGE = 10000
+BATCH_LIMIT = 500
+
+
+class RateLimiter:
+    """Sliding-window limits for one endpoint; also holds a not-before time set by Retry-After."""
+
+    def __init__(self, name: str, limits: Iterable[tuple[int, float]], *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        # A small margin: the server counts arrival times, which trail our send times.
+        self.name = name
+        self.limits = [(count, window * 1.02 + 0.05) for count, window in limits]
+        self.sent = [deque() for _ in self.limits]
+        self.not_before = 0.0
+        self.clock, self.sleep = clock, sleep
+        self.waited = 0.0
+        self.lock = threading.Lock()
+
+    def defer(self, seconds: float) -> None:
+        self.not_before = max(self.not_before, self.clock() + seconds)
+
+    def acquire(self) -> None:
+        with self.lock:
+            while True:
+                now = self.clock()
+                wait = self.not_before - now
+                for (count, window), sent in zip(self.limits, self.sent, strict=True):
+                    while sent and sent[0] <= now - window:
+                        sent.popleft()
+                    if len(sent) >= count:
+                        wait = max(wait, sent[0] + window - now)
+                if wait <= 0:
+                    break
+                log.info("Defender %s quota: waiting %.1f s", self.name, wait)
+                self.waited += wait
+                self.sleep(wait)
+            for sent in self.sent:
+                sent.append(now)
+
+
+def build_limiters(quota_requests: int, time_scale: float = 1.0, **kwargs: Any) -> dict[str, RateLimiter]:
+    """One limiter per endpoint; ``quota_requests`` per minute applies on top (the stricter wins)."""
+    limiters = {}
+    for name, limits in ENDPOINT_LIMITS.items():
+        combined = [*limits, (quota_requests, 60.0)]
+        limiters[name] = RateLimiter(name, [(n, w * time_scale) for n, w in combined], **kwargs)
+    return limiters
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds or as an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass
+class EndpointStats:
+    calls: int = 0
+    retries: int = 0
+    throttled: int = 0
+    waited_seconds: float = 0.0
+
+
+class TokenProvider:
+    """An MSAL app for the client-credentials flow; MSAL caches and refreshes the token."""
+
+    def __init__(self, settings: Settings, session: Any):
+        import msal
+
+        s = settings
+        credential: Any = s.client_secret
+        if s.client_certificate:
+            credential = {"private_key": Path(s.client_certificate).read_text(),
+                          "thumbprint": s.client_certificate_thumbprint}
+        known = urlsplit(s.authority).hostname in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS
+        self.settings = settings
+        self.scopes = [s.target_scope]
+        self.stats = EndpointStats()
+        last = ""
+        for attempt in range(s.max_retries + 1):
+            try:
+                self.app = msal.ConfidentialClientApplication(
+                    s.client_id, client_credential=credential, authority=f"{s.authority}/{s.tenant}",
+                    instance_discovery=known, http_client=session, timeout=s.request_timeout)
+                return
+            except ValueError as exc:  # MSAL's words for a tenant the authority does not know
+                raise CredentialError(f"Entra does not know tenant graph_auth['tenant'] = {s.tenant!r} "
+                                      f"at {s.authority}: {exc}") from None
+            except Exception as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                if attempt < s.max_retries:
+                    time.sleep(_backoff(attempt))
+        raise UnreachableError(f"Entra ID at {s.authority} is unreachable: {redact(last, s.secrets)}")
+
+    def get(self) -> str:
+        last = ""
+        for attempt in range(self.settings.max_retries + 1):
+            try:
+                result = self.app.acquire_token_for_client(scopes=self.scopes)
+            except Exception as exc:  # MsalServiceError on 5xx, connection errors
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if "access_token" in result:
+                    return result["access_token"]
+                error, description = result.get("error", "?"), str(result.get("error_description", ""))
+                first_line = description.splitlines()[0] if description else ""
+                if error in ("invalid_client", "unauthorized_client", "invalid_request", "invalid_scope"):
+                    which = ("client secret (graph_auth['client_secret'])" if "7000215" in description
+                             else "client id (graph_auth['client_id'])" if "700016" in description
+                             else "Entra app credentials")
+                    raise CredentialError(f"Entra rejected the {which}: {error}: {first_line}")
+                last = f"{error}: {first_line}"
+            self.stats.retries += 1
+            if attempt < self.settings.max_retries:
+                time.sleep(max(_backoff(attempt), 1.0))
+        raise UnreachableError(f"could not get a token from Entra ID: {last}")
+
+    def invalidate(self) -> None:
+        self.app.remove_tokens_for_client()
+
+
+def make_session(user_agent: str, proxies: Mapping[str, str]) -> Any:
+    import requests
+
+    session = requests.Session()
+    session.headers["User-Agent"] = user_agent
+    if proxies:
+        session.proxies.update(proxies)
+    return session
+
+
+class DefenderClient:
+    """Defender's Indicators API: HTTP, tokens, quotas and retries. Knows nothing about MISP."""
+
+    def __init__(self, settings: Settings, *, time_scale: float = 1.0, json_log: Any = None):
+        self.settings = settings
+        self.session = make_session(settings.user_agent, settings.proxies)
+        self.tokens = TokenProvider(settings, make_session(settings.user_agent, settings.proxies))
+        self.limiters = build_limiters(settings.quota_requests, time_scale)
+        self.stats: dict[str, EndpointStats] = {name: EndpointStats() for name in ENDPOINT_LIMITS}
+        self.json_log = json_log
+
+    def _call(self, endpoint: str, method: str, url: str, **kwargs: Any) -> Any:
+        """Send one call under its quota; retry 429, 5xx, resets and timeouts; re-auth once on 401."""
+        import requests
+
+        stats, limiter = self.stats[endpoint], self.limiters[endpoint]
+        attempt, reauthorised = 0, False
+        while True:
+            limiter.acquire()
+            headers = {"Authorization": f"Bearer {self.tokens.get()}"}
+            stats.calls += 1
+            problem = ""
+            wait: float | None = None
+            try:
+                response = self.session.request(method, url, headers=headers,
+                                                timeout=self.settings.request_timeout, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                problem = f"{type(exc).__name__}"
+            else:
+                self._log_response(method, url, response)
+                status = response.status_code
+                if status == 401 and not reauthorised:
+                    log.info("Defender answered 401: getting a new token and retrying once")
+                    self.tokens.invalidate()
+                    reauthorised = True
+                    continue
+                if status == 429:
+                    stats.throttled += 1
+                    wait = parse_retry_after(response.headers.get("Retry-After"))
+                    problem = "429 Too Many Requests"
+                elif status >= 500:
+                    problem = f"HTTP {status}"
+                    wait = parse_retry_after(response.headers.get("Retry-After"))
+                else:
+                    return response
+            if attempt >= self.settings.max_retries:
+                raise DefenderError(f"Defender {endpoint} failed after {attempt + 1} attempts: {problem}")
+            wait = _backoff(attempt) if wait is None else wait
+            log.warning("Defender %s: %s; retrying in %.1f s", endpoint, problem, wait)
+            stats.retries += 1
+            stats.waited_seconds += wait
+            limiter.defer(wait)
+            attempt += 1
+
+    def _log_response(self, method: str, url: str, response: Any) -> None:
+        if self.json_log is None:
+            return
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = response.text[:2000]
+        self.json_log({"time": format_time(time.time()), "method": method, "url": url,
+                       "status": response.status_code, "body": body})
+
+    @staticmethod
+    def _error_text(response: Any) -> str:
+        try:
+            error = response.json().get("error", {})
+            return f"{error.get('code', response.status_code)}: {error.get('message', '')}".strip()
+        except (ValueError, AttributeError):
+            return f"HTTP {response.status_code}"
+
+    def _raise_for_status(self, endpoint: str, response: Any) -> None:
+        if response.status_code < 400:
+            return
+        detail = self._error_text(response)
+        if response.status_code in (401, 403):
+            raise CredentialError(
+                f"Defender refused {endpoint} ({detail}). Grant the Entra app the WindowsDefenderATP "
+                "application permission Ti.ReadWrite.All and an admin consent")
+        raise DefenderError(f"Defender {endpoint} answered {response.status_code}: {detail}")
+
+    def list_indicators(self, page_size: int = LIST_PAGE, limit: int | None = None) -> list[dict]:
+        """Every active indicator: $top/$skip until a short page; follow @odata.nextLink if given."""
+        url = f"{self.settings.api_url}/api/indicators"
+        params: dict[str, Any] | None = {"$top": page_size, "$skip": 0}
+        indicators: list[dict] = []
+        while True:
+            response = self._call("list", "GET", url, params=params)
+            self._raise_for_status("list", response)
+            page = response.json().get("value", [])
+            indicators.extend(page)
+            next_link = response.json().get("@odata.nextLink")
+            if limit is not None and len(indicators) >= limit:
+                return indicators[:limit]
+            if next_link:
+                url, params = next_link, None
+            elif len(page) < page_size:
+                return indicators
+            else:
+                params = {"$top": page_size, "$skip": len(indicators)}
+
+    def import_batch(self, items: list[dict]) -> list[dict]:
+        """Import ≤ 500 items; Defender answers per item (isFailed, failureReason)."""
+        assert len(items) <= BATCH_LIMIT
+        response = self._call("import", "POST", f"{self.settings.api_url}/api/indicators/import",
+                              json={"Indicators": items})
+        self._raise_for_status("import", response)
+        return response.json().get("value", [])
+
+    def batch_delete(self, ids: list[str]) -> int:
+        """BatchDelete ≤ 500 ids; returns the HTTP status (204 all deleted, 404 some not found)."""
+        assert len(ids) <= BATCH_LIMIT
+        response = self._call("batch_delete", "POST", f"{self.settings.api_url}/api/indicators/BatchDelete",
+                              json={"IndicatorIds": ids})
+        if response.status_code == 404:
+            return 404
+        self._raise_for_status("batch_delete", response)
+        return response.status_code
+
+
+# ###########################################################################################
+# Planning
+# ###########################################################################################
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """An indicator Defender holds, reduced to what planning compares."""
+
+    id: str
+    indicator_type: str
+    value: str
+    action: str
+    severity: str
+    title: str
+    expiration: float | None
+    owned: bool
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.indicator_type, self.value)
+
+
+def existing_from_api(item: dict, client_id: str, application: str, now: float) -> Existing | None:
+    """Defender's JSON → Existing; None for expired items (they no longer count or protect)."""
+    indicator_type = item.get("indicatorType")
+    if indicator_type not in INDICATOR_TYPES or not isinstance(item.get("indicatorValue"), str):
+        return None
+    expiration = _iso_epoch(item.get("expirationTime"))
+    if expiration is not None and expiration <= now:
+        return None
+    return Existing(id=str(item.get("id")), indicator_type=indicator_type,
+                    value=normalise_existing(indicator_type, item["indicatorValue"]),
+                    action=str(item.get("action") or ""), severity=str(item.get("severity") or ""),
+                    title=str(item.get("title") or ""), expiration=expiration,
+                    owned=item.get("createdBy") == client_id and item.get("application") == application)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    candidate: Candidate
+    reason: str
+    replaces: str = ""  # the id of an indicator this one supersedes (action change)
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    id: str
+    indicator_type: str
+    value: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    """What a run will do, and why. A value: print it, serialise it, compare it in tests."""
+
+    creates: list[Change] = field(default_factory=list)
+    updates: list[Change] = field(default_factory=list)
+    deletes: list[Deletion] = field(default_factory=list)
+    replaced: list[Deletion] = field(default_factory=list)  # deleted after their successor lands
+    keeps: Counter = field(default_factory=Counter)
+    left_out: list[Candidate] = field(default_factory=list)
+    deletes_withheld: str = ""
+    owned: int = 0
+    foreign: int = 0
+    room: int = 0
+
+    @property
+    def writes(self) -> list[Change]:
+        return self.creates + self.updates
+
+    def summary(self) -> dict[str, int]:
+        return {"create": len(self.creates), "update": len(self.updates),
+                "delete": len(self.deletes) + len(self.replaced), "keep": sum(self.keeps.values()),
+                "left_out": len(self.left_out)}
+
+
+def update_reason(candidate: Candidate, existing: Existing, now: float) -> str:
+    """Why an owned indicator must be rewritten, or "" when users would notice no difference.
+
+    Expiry: only when the desired expiry is later by more than half the configured lifetime, so
+    the hours of drift that ``current_date`` adds every run never cause a write, and an expiry
+    that an earlier run set later is never shortened.
+    """
+    if candidate.severity != existing.severity:
+        return f"severity {existing.severity or 'unset'} → {candidate.severity}"
+    if candidate.title != existing.title:
+        return "title changed"
+    if existing.expiration is not None:
+        if candidate.expiration is None:
+            return "expiry removed"
+        threshold = max(candidate.lifetime_days * 86400.0 / 2, 3600.0)
+        if candidate.expiration - existing.expiration > threshold:
+            remaining = (existing.expiration - now) / 86400.0
+            return f"expiry refresh ({remaining:.1f} days left)"
+    return ""
+
+
+def _priority(candidate: Candidate) -> tuple:
+    """Who gets the room when the tenant cap is short: High first, Block before Audit, newest."""
+    return (SEVERITY_RANK[candidate.severity], ACTION_RANK.get(candidate.action, 0),
+            candidate.attribute_timestamp, candidate.value)
+
+
+def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
+         read_complete: bool, full_sync: bool, still_selected: frozenset = frozenset(),
+         force: bool = False, now: float | None = None) -> Plan:
+    """Compare what MISP wants with what Defender holds. Pure: no HTTP, no PyMISP.
+
+    ``still_selected``: retracted keys that MISP says another selected attribute still carries.
+    """
+    now = time.time() if now is None else now
+    result = Plan()
+    owned: dict[tuple[str, str], list[Existing]] = {}
+    foreign: set[tuple[str, str]] = set()
+    for item in existing:
+        if item.owned:
+            owned.setdefault(item.key, []).append(item)
+            result.owned += 1
+        else:
+            foreign.add(item.key)
+            result.foreign += 1
+
+    for key, candidate in desired.candidates.items():
+        mine = owned.get(key, [])
+        if not mine:
+            if key in foreign:
+                result.keeps["held by another application"] += 1
+            else:
+                result.creates.append(Change(candidate, "new in MISP"))
+            continue
+        same_action = [e for e in mine if e.action == candidate.action]
+        if same_action:
+            keep = same_action[0]
+            reason = update_reason(candidate, keep, now)
+            if reason:
+                result.updates.append(Change(candidate, reason))
+            else:
+                result.keeps["unchanged"] += 1
+            extras = [e for e in mine if e is not keep]
+        else:
+            # Defender may key indicators on the action: create the new one first, then delete the
+            # old, so that the value is never unprotected and never held twice.
+            result.creates.append(Change(candidate, f"action {mine[0].action} → {candidate.action}",
+                                         replaces=mine[0].id))
+            result.replaced.append(Deletion(mine[0].id, *key, f"replaced by action {candidate.action}"))
+            extras = mine[1:]
+        result.deletes.extend(Deletion(e.id, *key, "duplicate of an owned indicator") for e in extras)
+
+    if full_sync:
+        stale = [(key, "not selected in MISP any more") for key in owned if key not in desired.candidates]
+    else:
+        stale = [(key, f"retracted: {desired.retractions[key]}") for key in owned
+                 if key in desired.retractions and key not in still_selected]
+    for key, reason in stale:
+        result.deletes.extend(Deletion(e.id, *key, reason) for e in owned[key])
+
+    _apply_cap(result, settings)
+    _guard_deletes(result, settings, read_complete=read_complete, force=force)
+    return result
+
+
+def _apply_cap(result: Plan, settings: Settings) -> None:
+    """Room = the cap minus active foreign indicators; plain creates over the room are left out."""
+    result.room = settings.max_indicators - result.foreign
+    staying = result.owned - len(result.deletes)  # replaced ones still count until their successor lands
+    free = result.room - staying
+    new = [c for c in result.creates if not c.replaces]
+    if len(new) <= free:
+        return
+    new.sort(key=lambda c: _priority(c.candidate), reverse=True)
+    keep_new = {id(c) for c in new[:max(free, 0)]}
+    result.left_out = [c.candidate for c in new[max(free, 0):]]
+    result.creates = [c for c in result.creates if c.replaces or id(c) in keep_new]
+
+
+def _guard_deletes(result: Plan, settings: Settings, *, read_complete: bool, force: bool) -> None:
+    """No deletes after a partial MISP read; none above the mass-delete guard unless forced."""
+    if not result.deletes:
+        return
+    if not read_complete:
+        result.deletes_withheld = (f"MISP was read only in part: {len(result.deletes)} deletes withheld "
+                                   "so nothing is removed by mistake")
+    elif not force and result.owned:
+        share = 100.0 * len(result.deletes) / result.owned
+        if share > settings.remove_guard_percent:
+            result.deletes_withheld = (
+                f"the plan would delete {len(result.deletes)} of {result.owned} owned indicators "
+                f"({share:.0f}% > remove_guard_percent {settings.remove_guard_percent:g}%); "
+                "check the MISP filters, then rerun with --force to proceed")
+    if result.deletes_withheld:
+        result.deletes = []
+
+
+# ###########################################################################################
+# Applying and reporting
+# ###########################################################################################
+
+@dataclass
+class Report:
+    """What happened; the exit code is derived from it, here and nowhere else."""
+
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    dry_run: bool = False
+    full_sync: bool = False
+    events: int = 0
+    attributes: int = 0
+    candidates: int = 0
+    duplicates: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    kept: int = 0
+    left_out: int = 0
+    failed: list[dict] = field(default_factory=list)
+    rejected_items: list[dict] = field(default_factory=list)
+    misp_error: str = ""
+    deletes_withheld: str = ""
+    fatal: str = ""
+    api: dict[str, EndpointStats] = field(default_factory=dict)
+    fatal_code: int = EXIT_CANNOT_PROCEED
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal:
+            return self.fatal_code
+        if self.failed or self.left_out or self.misp_error or self.deletes_withheld:
+            return EXIT_INCOMPLETE
+        return EXIT_OK
+
+    def summary_line(self) -> str:
+        rejected = ", ".join(f"{n} {reason}" for reason, n in self.rejected.most_common()) or "none"
+        calls = sum(s.calls for s in self.api.values())
+        mode = " (dry run: nothing written)" if self.dry_run else ""
+        return (f"misp2defender: {self.events} events, {self.attributes} attributes, {self.candidates} "
+                f"candidates ({self.duplicates} duplicates), rejected {sum(self.rejected.values())} "
+                f"[{rejected}], created {self.created}, updated {self.updated}, deleted {self.deleted}, "
+                f"kept {self.kept}, left out {self.left_out}, failed {len(self.failed)}, "
+                f"API calls {calls}, exit {self.exit_code}{mode}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": __version__, "started": format_time(self.started), "finished": format_time(self.finished),
+            "duration_seconds": round(self.finished - self.started, 3), "exit_code": self.exit_code,
+            "dry_run": self.dry_run, "full_sync": self.full_sync,
+            "counts": {"events": self.events, "attributes": self.attributes, "candidates": self.candidates,
+                       "duplicates": self.duplicates, "created": self.created, "updated": self.updated,
+                       "deleted": self.deleted, "kept": self.kept, "left_out": self.left_out,
+                       "failed": len(self.failed), "rejected": sum(self.rejected.values())},
+            "rejected_by_reason": dict(self.rejected), "skipped_by_reason": dict(self.skipped),
+            "failed": self.failed, "rejected_items": self.rejected_items,
+            "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
+            "api": {name: dataclasses.asdict(s) for name, s in self.api.items()},
+        }
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def apply_plan(the_plan: Plan, client: DefenderClient, settings: Settings, report: Report) -> None:
+    """Deletes first (they free room under the cap), then imports, then superseded indicators."""
+    _delete(the_plan.deletes, client, report)
+    landed_replacements: set[str] = set()
+    updates = {id(change) for change in the_plan.updates}
+    for batch in chunks(the_plan.writes, settings.max_indicators_per_query):
+        items = [indicator_json(change.candidate, settings) for change in batch]
+        try:
+            results = client.import_batch(items)
+        except DefenderError as exc:
+            report.failed.extend({"type": c.candidate.indicator_type, "value": c.candidate.value,
+                                  "reason": str(exc)} for c in batch)
+            log.error("%s; %d indicators not written (the next run retries them)", exc, len(batch))
+            continue
+        by_value = {str(r.get("indicator", "")).lower(): r for r in results if isinstance(r, dict)}
+        for position, change in enumerate(batch):
+            result = results[position] if position < len(results) and isinstance(results[position], dict) else None
+            if result is None or str(result.get("indicator", "")).lower() != change.candidate.value.lower():
+                result = by_value.get(change.candidate.value.lower())
+            if result is None or result.get("isFailed"):
+                reason = (result or {}).get("failureReason") or "no result for this item"
+                report.failed.append({"type": change.candidate.indicator_type, "value": change.candidate.value,
+                                      "reason": str(reason)})
+            elif id(change) in updates:
+                report.updated += 1
+            else:
+                report.created += 1
+                if change.replaces:
+                    landed_replacements.add(change.replaces)
+    _delete([d for d in the_plan.replaced if d.id in landed_replacements], client, report)
+
+
+def _delete(deletions: list[Deletion], client: DefenderClient, report: Report) -> None:
+    for batch in chunks(deletions, BATCH_LIMIT):
+        ids = [d.id for d in batch]
+        try:
+            status = client.batch_delete(ids)
+            if status == 404:
+                # Some ids are gone already (expired, or deleted by hand): recheck, don't retry blindly.
+                present = {str(i.get("id")) for i in client.list_indicators()}
+                ids = [i for i in ids if i in present]
+                status = client.batch_delete(ids) if ids else 204
+            if status == 404:
+                raise DefenderError("BatchDelete still answered 404 after a fresh listing")
+            report.deleted += len(ids)
+        except DefenderError as exc:
+            report.failed.extend({"type": d.indicator_type, "value": d.value, "reason": f"delete: {exc}"}
+                                 for d in batch)
+            log.error("%s", exc)
+
+
+def format_plan(the_plan: Plan, limit: int = 200) -> str:
+    """The plan as a person reads it (the dry run prints this)."""
+    lines = [f"Plan: {the_plan.summary()}  (owned {the_plan.owned}, foreign {the_plan.foreign}, "
+             f"room {the_plan.room})"]
+
+    def section(title: str, rows: list[str]) -> None:
+        if not rows:
+            return
+        lines.append(f"{title} ({len(rows)}):")
+        lines.extend(f"  {row}" for row in rows[:limit])
+        if len(rows) > limit:
+            lines.append(f"  ... and {len(rows) - limit} more (use --report FILE for all)")
+
+    def describe(c: Candidate) -> str:
+        return (f"{c.indicator_type} {c.value} [{c.action}, {c.severity}, expires "
+                f"{format_time(c.expiration) or 'never'}] event {c.event_id}")
+
+    section("+ create", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.creates])
+    section("~ update", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.updates])
+    section("- delete", [f"{d.indicator_type} {d.value} (id {d.id}) — {d.reason}"
+                         for d in the_plan.deletes + the_plan.replaced])
+    section("! left out (tenant cap)", [describe(c) for c in the_plan.left_out])
+    if the_plan.deletes_withheld:
+        lines.append(f"! deletes withheld: {the_plan.deletes_withheld}")
+    return "\n".join(lines)
+
+
+# ###########################################################################################
+# Command line
+# ###########################################################################################
+
+_TOKEN_PATTERNS = (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+                   re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"))
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Remove secrets and bearer tokens from anything we are about to write."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    text = _TOKEN_PATTERNS[0].sub(r"\1[REDACTED]", text)
+    return _TOKEN_PATTERNS[1].sub("[REDACTED-TOKEN]", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    def __init__(self, fmt: str, secrets: list[str]):
+        super().__init__(fmt)
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+def setup_logging(settings: Settings | None, verbosity: int) -> list[logging.Handler]:
+    """File log (debug when verbose_log) and stderr (warnings; more with -v); secrets redacted."""
+    secrets = settings.secrets if settings else []
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handlers: list[logging.Handler] = []
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
+    handlers.append(console)
+    if settings and settings.log_file:
+        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
+        file_handler.setLevel(logging.DEBUG if settings.verbose_log else logging.INFO)
+        handlers.append(file_handler)
+    root = logging.getLogger()
+    for handler in handlers:
+        handler.setFormatter(RedactingFormatter(fmt, secrets))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    for noisy in ("urllib3", "msal"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    return handlers
+
+
+class RunLock:
+    """An exclusive flock: overlapping cron runs cannot interleave; a dead holder frees it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.handle: Any = None
+
+    def __enter__(self) -> RunLock:
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise LockedError(f"another misp2defender run (pid {holder}) holds the lock {self.path}; "
+                              "exiting without changes") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+class JsonLog:
+    """log_json_file: one JSON document per Defender response, secrets and tokens redacted."""
+
+    def __init__(self, path: str, secrets: list[str]):
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self.secrets = secrets
+        self.lock = threading.Lock()
+
+    def __call__(self, entry: dict) -> None:
+        with self.lock:
+            self.handle.write(redact(json.dumps(entry, default=str), self.secrets) + "\n")
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def parsed_indicators_path(settings: Settings) -> Path:
+    return Path(settings.log_file or "misp2defender.log").with_name("misp2defender_indicators.json")
+
+
+def write_json(path: str | Path, document: Any, secrets: list[str]) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(redact(json.dumps(document, indent=2, default=str), secrets) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="misp2defender.py", description="Sync MISP indicators to Microsoft Defender for Endpoint.")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().with_name("config.py")),
+                        help="path to the config module (default: config.py beside this script)")
+    parser.add_argument("--dry-run", action="store_true", help="read and plan, print the plan, write nothing")
+    parser.add_argument("--full-sync", action="store_true",
+                        help="read the whole MISP selection (no time window) and delete what it no longer holds")
+    parser.add_argument("--force", action="store_true", help="delete even above remove_guard_percent")
+    parser.add_argument("--report", metavar="FILE", help="write a JSON report of the run to FILE")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output on stderr (-vv: debug)")
+    parser.add_argument("--version", action="version", version=f"misp2defender {__version__}")
+    return parser.parse_args(argv)
+
+
+def time_scale_from_environment() -> float:
+    """Tests shrink the quota windows with MISP2DEFENDER_TIME_SCALE; users never need it."""
+    try:
+        return float(os.environ.get("MISP2DEFENDER_TIME_SCALE", "1"))
+    except ValueError:
+        return 1.0
+
+
+def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
+    """One sync: read MISP, list Defender, plan, apply (unless dry run)."""
+    dry_run = args.dry_run or settings.dry_run
+    report.dry_run, report.full_sync = dry_run, args.full_sync
+    json_log = JsonLog(settings.log_json_file, settings.secrets) if settings.log_json_file else None
+    try:
+        misp = MispSource(settings)
+        client = None
+        if settings.has_defender_credentials and (settings.check_existing or not dry_run):
+            client = DefenderClient(settings, time_scale=time_scale_from_environment(), json_log=json_log)
+            client.tokens.get()  # a bad secret stops the run before any MISP paging
+            report.api = client.stats
+
+        status = MispReadStatus()
+        on_event = (lambda e: log.info("MISP event %s: %s", e.id, e.info)) if settings.write_parsed_eventid else None
+        desired = collect(misp.events(args.full_sync, status), settings, time.time(), on_event)
+        report.events, report.attributes = status.events, desired.attributes
+        report.candidates, report.duplicates = len(desired.candidates), desired.duplicates
+        report.rejected, report.skipped = desired.rejected, desired.skipped
+        report.rejected_items = desired.rejected_items
+        report.misp_error = status.error
+
+        existing: list[Existing] = []
+        if client is not None and settings.check_existing:
+            now = time.time()
+            existing = [e for e in (existing_from_api(i, settings.client_id, settings.application, now)
+                                    for i in client.list_indicators()) if e is not None]
+        elif not settings.check_existing:
+            log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
+
+        still_selected = frozenset()
+        owned_keys = {e.key for e in existing if e.owned}
+        to_check = [k for k in desired.retractions if k in owned_keys]
+        if to_check and status.complete and not args.full_sync:
+            still_selected = still_selected_keys(misp, to_check, settings)
+
+        the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
+                        still_selected=still_selected, force=args.force)
+        report.kept, report.left_out = sum(the_plan.keeps.values()), len(the_plan.left_out)
+        report.deletes_withheld = the_plan.deletes_withheld
+        if the_plan.deletes_withheld:
+            log.error("%s", the_plan.deletes_withheld)
+        if the_plan.left_out:
+            log.error("tenant cap: %d indicators left out (room %d of defender_max_indicators %d)",
+                      len(the_plan.left_out), the_plan.room, settings.max_indicators)
+        if settings.write_parsed_indicators:
+            write_json(parsed_indicators_path(settings),
+                       [indicator_json(c.candidate, settings) for c in the_plan.writes], settings.secrets)
+        if dry_run:
+            print(format_plan(the_plan))
+            return
+        if client is None:
+            raise ConfigError("Defender credentials are missing (graph_auth)")
+        apply_plan(the_plan, client, settings, report)
+    finally:
+        if json_log:
+            json_log.close()
+
+
+def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings: Settings) -> frozenset:
+    """Retracted keys that another attribute selected by the filters still carries (asks MISP)."""
+    values = sorted({value for _, value in keys})
+    found = set()
+    wanted = set(keys)
+    for attribute, context in misp.attributes_with_values(values):
+        for outcome in map_attribute(attribute, context, settings, time.time()):
+            if outcome.kind == "candidate" and outcome.candidate.key in wanted:
+                found.add(outcome.candidate.key)
+    return frozenset(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = Report()
+    handlers: list[logging.Handler] = []
+    settings: Settings | None = None
+    try:
+        raw = load_config_module(args.config)
+        settings = build_settings(raw, config_path=args.config)
+        handlers = setup_logging(settings, args.verbose)
+        warn_if_config_exposes_secrets(args.config, raw)
+        if args.dry_run or settings.dry_run:
+            run(settings, args, report)
+        else:
+            with RunLock(settings.lock_file):
+                run(settings, args, report)
+    except Misp2DefenderError as exc:
+        report.fatal, report.fatal_code = str(exc), exc.exit_code
+        if not handlers:
+            handlers = setup_logging(settings, args.verbose)
+        log.error("%s", exc)
+    except KeyboardInterrupt:
+        report.fatal = "interrupted"
+    finally:
+        report.finished = time.time()
+        secrets = settings.secrets if settings else []
+        if report.fatal:
+            print(redact(f"misp2defender: error: {report.fatal}", secrets), file=sys.stderr)
+        print(redact(report.summary_line(), secrets))
+        log.info("%s", report.summary_line())
+        if args.report:
+            write_json(args.report, report.as_dict(), secrets)
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
