@@ -25,6 +25,7 @@ Sections, in the order a run uses them:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import email.utils
@@ -94,6 +95,7 @@ NETWORK_TYPES = frozenset({"IpAddress", "DomainName", "Url"})
 FILE_TYPES = frozenset({"FileSha1", "FileSha256", "FileMd5"})
 SEVERITIES = ("Informational", "Low", "Medium", "High")
 ACTIONS = ("Warn", "Block", "Audit", "Alert", "AlertAndBlock", "BlockAndRemediate", "Allowed")
+MAX_EPOCH = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc).timestamp()  # far future, still formattable
 TIME_WINDOW_FILTERS = ("publish_timestamp", "timestamp", "last", "date_from", "date_to")
 SECRET_ENVIRONMENT = {
     "misp_key": "MISP2DEFENDER_MISP_KEY",
@@ -471,10 +473,12 @@ def tag_names(container: Any) -> frozenset[str]:
 
 
 def _epoch(value: Any, default: float = 0.0) -> float:
+    """MISP's string epochs as float; anything else (garbage, NaN, infinity) → default."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError, OverflowError):
         return default
+    return number if math.isfinite(number) and abs(number) < MAX_EPOCH else default
 
 
 def event_context(event: dict) -> EventContext:
@@ -565,13 +569,14 @@ class MispSource:
                 time.sleep(_backoff(attempt))
         raise UnreachableError(redact(last, self.settings.secrets))
 
-    def events(self, full_sync: bool, status: MispReadStatus) -> Iterator[dict]:
+    def events(self, full_sync: bool, status: MispReadStatus,
+               extra: Mapping[str, Any] | None = None) -> Iterator[dict]:
         """Yield the selected events page by page; record in ``status`` whether the read completed.
 
         Soft-deleted attributes are requested too (``deleted: [0, 1]``) so that a retraction
         inside the time window can be seen and acted on.
         """
-        filters = selection_filters(self.settings.misp_event_filters, full_sync)
+        filters = {**selection_filters(self.settings.misp_event_filters, full_sync), **(extra or {})}
         filters.setdefault("deleted", [0, 1])
         single_page = "limit" in filters
         page = 1
@@ -852,7 +857,6 @@ def _iso_epoch(value: Any) -> float | None:
         return None
 
 
-MAX_EPOCH = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc).timestamp()
 
 
 def expiration_for(settings: Settings, indicator_type: str, tags: frozenset[str], attribute: dict,
@@ -1319,6 +1323,77 @@ class DefenderClient:
         return response.status_code
 
 
+class OtxClient:
+    """AlienVault OTX lookups over plain requests, concurrent and cached for one run.
+
+    An OTX error never stops a run: the indicator is pushed and the error counted.
+    """
+
+    SECTIONS = {"IpAddress": None, "DomainName": "domain", "Url": "url",
+                "FileMd5": "file", "FileSha1": "file", "FileSha256": "file"}
+
+    def __init__(self, settings: Settings):
+        import requests.adapters
+
+        self.settings = settings
+        self.session = make_session(settings.user_agent, settings.proxies)
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=settings.otx_max_workers)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        self.cache: dict[tuple[str, str], bool | None] = {}
+        self.stats = EndpointStats()
+        self.errors = 0
+
+    def _path(self, indicator_type: str, value: str) -> str | None:
+        from urllib.parse import quote
+
+        section = self.SECTIONS.get(indicator_type)
+        if indicator_type == "IpAddress":
+            section = "IPv6" if ":" in value else "IPv4"
+        if section is None:
+            return None
+        return f"{self.settings.otx_url}/api/v1/indicators/{section}/{quote(value, safe='')}/general"
+
+    def lookup(self, indicator_type: str, value: str) -> bool | None:
+        """True if OTX knows the value (in at least one pulse), False if not, None on error."""
+        path = self._path(indicator_type, value)
+        if path is None:
+            return False
+        self.stats.calls += 1
+        try:
+            response = self.session.get(path, headers={"X-OTX-API-KEY": self.settings.otx_key},
+                                        timeout=min(self.settings.request_timeout, 30))
+            if response.status_code == 404:
+                return False
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code}")
+            return int(response.json().get("pulse_info", {}).get("count", 0)) > 0
+        except Exception as exc:
+            log.debug("OTX lookup of %s failed: %s", value, type(exc).__name__)
+            return None
+
+    def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The keys OTX knows; errors are counted in ``self.errors`` and treated as unknown."""
+        todo = [k for k in dict.fromkeys(keys) if k not in self.cache]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.otx_max_workers) as pool:
+            for key, answer in zip(todo, pool.map(lambda k: self.lookup(*k), todo), strict=True):
+                self.cache[key] = answer
+        self.errors = sum(1 for answer in self.cache.values() if answer is None)
+        return {k for k, answer in self.cache.items() if answer}
+
+    def check_key(self) -> str:
+        """'' when the key works, else what is wrong (for --check)."""
+        try:
+            response = self.session.get(self._path("IpAddress", "8.8.8.8"),
+                                        headers={"X-OTX-API-KEY": self.settings.otx_key},
+                                        timeout=self.settings.request_timeout)
+        except Exception as exc:
+            return f"OTX unreachable at {self.settings.otx_url}: {type(exc).__name__}"
+        if response.status_code in (401, 403):
+            return "OTX rejected the API key (otx_alienvault_api)"
+        return "" if response.status_code in (200, 404) else f"OTX answered HTTP {response.status_code}"
+
+
 # ###########################################################################################
 # Planning
 # ###########################################################################################
@@ -1513,6 +1588,13 @@ def _guard_deletes(result: Plan, settings: Settings, *, read_complete: bool, for
         result.deletes = []
 
 
+def exclude_known(result: Plan, known: set[tuple[str, str]]) -> int:
+    """Drop plain creates whose value OTX already knows (exclude_if_in_alienvault); count them."""
+    before = len(result.creates)
+    result.creates = [c for c in result.creates if c.replaces or c.candidate.key not in known]
+    return before - len(result.creates)
+
+
 # ###########################################################################################
 # Applying and reporting
 # ###########################################################################################
@@ -1543,6 +1625,7 @@ class Report:
     fatal: str = ""
     api: dict[str, EndpointStats] = field(default_factory=dict)
     fatal_code: int = EXIT_CANNOT_PROCEED
+    otx_errors: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -1562,6 +1645,17 @@ class Report:
                 f"kept {self.kept}, left out {self.left_out}, failed {len(self.failed)}, "
                 f"API calls {calls}, exit {self.exit_code}{mode}")
 
+    def table(self) -> str:
+        """A short summary for a person at a terminal."""
+        rows = [("created", self.created), ("updated", self.updated), ("deleted", self.deleted),
+                ("kept", self.kept), ("rejected", sum(self.rejected.values())), ("left out", self.left_out),
+                ("failed", len(self.failed))]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"  {name:<{width}}  {count:>7}" for name, count in rows]
+        lines += [f"    rejected: {n} {reason}" for reason, n in self.rejected.most_common(5)]
+        lines += [f"    failed: {item['type']} {item['value']}: {item['reason']}" for item in self.failed[:5]]
+        return "\n".join(["", *lines])
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "version": __version__, "started": format_time(self.started), "finished": format_time(self.finished),
@@ -1574,6 +1668,7 @@ class Report:
             "rejected_by_reason": dict(self.rejected), "skipped_by_reason": dict(self.skipped),
             "failed": self.failed, "rejected_items": self.rejected_items,
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
+            "otx_errors": self.otx_errors,
             "api": {name: dataclasses.asdict(s) for name, s in self.api.items()},
         }
 
@@ -1774,6 +1869,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full-sync", action="store_true",
                         help="read the whole MISP selection (no time window) and delete what it no longer holds")
     parser.add_argument("--force", action="store_true", help="delete even above remove_guard_percent")
+    parser.add_argument("--check", action="store_true",
+                        help="check config, MISP, Entra, Defender permission (and OTX); write nothing")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of the run to FILE")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output on stderr (-vv: debug)")
     parser.add_argument("--version", action="version", version=f"misp2defender {__version__}")
@@ -1826,6 +1923,15 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
 
         the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
                         still_selected=still_selected, force=args.force)
+        if settings.exclude_if_in_alienvault and the_plan.creates:
+            otx = OtxClient(settings)
+            known = otx.known(c.candidate.key for c in the_plan.creates if not c.replaces)
+            excluded = exclude_known(the_plan, known)
+            report.skipped["known in AlienVault OTX"] += excluded
+            report.otx_errors = otx.errors
+            report.api["otx"] = otx.stats
+            if otx.errors:
+                log.warning("OTX: %d lookups failed; those indicators are pushed anyway", otx.errors)
         report.kept, report.left_out = sum(the_plan.keeps.values()), len(the_plan.left_out)
         report.deletes_withheld = the_plan.deletes_withheld
         if the_plan.deletes_withheld:
@@ -1859,8 +1965,96 @@ def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings:
     return frozenset(found)
 
 
+FIXES = {
+    "config": "edit the named key in config.py (see config.py.default and the README)",
+    "misp_key": "create an API key for a user that may read events (MISP: Administration → List Auth Keys) "
+                "and set misp_key",
+    "misp_reach": "check misp_domain (with a trailing / for a sub-path), the network path and misp_verifycert",
+    "entra": "check graph_auth: tenant = Directory ID, client_id = Application ID, client_secret = the secret "
+             "*value* (not its ID), or the certificate and its thumbprint",
+    "entra_reach": "allow HTTPS to the login host (graph_auth['authority']) or set proxies / HTTPS_PROXY",
+    "defender": "in Entra, API permissions → APIs my organization uses → WindowsDefenderATP → Application "
+                "permission Ti.ReadWrite.All, then 'Grant admin consent'",
+    "defender_reach": "allow HTTPS to defender_api_url or set proxies / HTTPS_PROXY",
+    "otx": "check otx_alienvault_api (OTX → Settings → API key) and HTTPS to otx_alienvault_url",
+}
+
+
+def token_roles(token: str) -> list[str]:
+    """The roles claim of an access token, read without verification (for --check's advice only)."""
+    import base64
+
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        roles = claims.get("roles", [])
+        return [str(r) for r in roles] if isinstance(roles, list) else []
+    except (IndexError, ValueError, AttributeError):
+        return []
+
+
+def run_check(config_path: str) -> int:
+    """--check: prove the setup works, step by step, without writing anything anywhere."""
+    rows: list[tuple[bool, str, str]] = []
+
+    def row(ok: bool, text: str, fix: str = "") -> bool:
+        rows.append((ok, text, fix))
+        return ok
+
+    try:
+        settings = build_settings(load_config_module(config_path), config_path=config_path)
+        row(True, f"config: {config_path} is valid")
+    except ConfigError as exc:
+        settings = None
+        row(False, f"config: {exc}", FIXES["config"])
+    if settings is not None:
+        settings = dataclasses.replace(settings, max_retries=min(settings.max_retries, 1))
+        try:
+            misp = MispSource(settings)
+            version = (misp.misp.misp_instance_version or {}).get("version", "?")
+            row(True, f"MISP: {settings.misp_url} answers (MISP {version}) and accepts the API key")
+            status = MispReadStatus()
+            counted = sum(1 for _ in misp.events(False, status, extra={"metadata": True}))
+            row(status.complete, f"MISP: {counted} events match misp_event_filters"
+                if status.complete else f"MISP: {status.error}", FIXES["misp_reach"])
+        except CredentialError as exc:
+            row(False, f"MISP: {exc}", FIXES["misp_key"])
+        except UnreachableError as exc:
+            row(False, f"MISP: {exc}", FIXES["misp_reach"])
+        if not settings.has_defender_credentials:
+            row(False, "Entra: graph_auth has no credentials", FIXES["entra"])
+        else:
+            try:
+                client = DefenderClient(settings)
+                roles = token_roles(client.tokens.get())
+                row(True, f"Entra: token issued for {settings.target_scope}"
+                    + (f" (roles: {', '.join(roles)})" if roles else ""))
+                client.list_indicators(page_size=1, limit=1)
+                row(True, f"Defender: {settings.api_url} lets this app read indicators")
+            except CredentialError as exc:
+                stage = "Defender" if "Defender" in str(exc) else "Entra"
+                row(False, f"{stage}: {exc}", FIXES["defender" if stage == "Defender" else "entra"])
+            except (UnreachableError, DefenderError) as exc:
+                stage = "Entra" if "Entra" in str(exc) or "token" in str(exc) else "Defender"
+                row(False, f"{stage}: {exc}", FIXES["entra_reach" if stage == "Entra" else "defender_reach"])
+        if settings.exclude_if_in_alienvault:
+            problem = OtxClient(settings).check_key()
+            row(not problem, f"OTX: {problem or 'the API key works'}", FIXES["otx"])
+    secrets = settings.secrets if settings else []
+    print("misp2defender --check")
+    for ok, text, fix in rows:
+        print(redact(f"  {'✓' if ok else '✗'} {text}", secrets))
+        if not ok and fix:
+            print(f"      fix: {fix}")
+    passed = all(ok for ok, _, _ in rows)
+    print("All checks passed." if passed else "Some checks failed.")
+    return EXIT_OK if passed else EXIT_CANNOT_PROCEED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check:
+        return run_check(args.config)
     report = Report()
     handlers: list[logging.Handler] = []
     settings: Settings | None = None
@@ -1880,13 +2074,20 @@ def main(argv: list[str] | None = None) -> int:
             handlers = setup_logging(settings, args.verbose)
         log.error("%s", exc)
     except KeyboardInterrupt:
-        report.fatal = "interrupted"
+        report.fatal, report.fatal_code = "interrupted", EXIT_INCOMPLETE
+    except Exception as exc:  # a bug or an unforeseen answer: say so, redacted, and let cron see it
+        report.fatal, report.fatal_code = f"unexpected {type(exc).__name__}: {exc}", EXIT_INCOMPLETE
+        if not handlers:
+            handlers = setup_logging(settings, args.verbose)
+        log.exception("unexpected error; the next run starts again from MISP and Defender")
     finally:
         report.finished = time.time()
         secrets = settings.secrets if settings else []
         if report.fatal:
             print(redact(f"misp2defender: error: {report.fatal}", secrets), file=sys.stderr)
         print(redact(report.summary_line(), secrets))
+        if sys.stdout.isatty():
+            print(redact(report.table(), secrets))
         log.info("%s", report.summary_line())
         if args.report:
             write_json(args.report, report.as_dict(), secrets)
