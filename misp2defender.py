@@ -30,6 +30,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import fcntl
+import heapq
 import ipaddress
 import json
 import logging
@@ -969,6 +970,12 @@ def stronger(a: Candidate, b: Candidate) -> Candidate:
     return a if rank(a) >= rank(b) else b
 
 
+def cap_priority(candidate: Candidate) -> tuple:
+    """Who gets the room when the tenant cap is short: High first, Block before Audit, newest."""
+    return (SEVERITY_RANK[candidate.severity], ACTION_RANK.get(candidate.action, 0),
+            candidate.attribute_timestamp, candidate.value)
+
+
 def format_time(epoch: float | None) -> str | None:
     if epoch is None:
         return None
@@ -1001,7 +1008,13 @@ def indicator_json(candidate: Candidate, settings: Settings) -> dict[str, Any]:
 
 @dataclass
 class Desired:
-    """The mapped result of a MISP read: what Defender should hold, and why the rest was left."""
+    """The mapped result of a MISP read: what Defender should hold, and why the rest was left.
+
+    Memory stays bounded however large MISP is: Defender holds at most ``room`` more indicators,
+    so only the keys it already holds (``interesting``) and the ``room`` best other candidates
+    are kept as full records; every other distinct key is remembered as a hash, for counting.
+    ``interesting=None`` keeps everything (small inputs, tests).
+    """
 
     candidates: dict[tuple[str, str], Candidate] = field(default_factory=dict)
     retractions: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -1010,17 +1023,29 @@ class Desired:
     rejected_items: list[dict] = field(default_factory=list)
     attributes: int = 0
     duplicates: int = 0
+    interesting: frozenset | None = None
+    room: int | None = None
+    distinct: int = 0
+    evicted_sample: list[Candidate] = field(default_factory=list)
+    _others: int = 0  # resident candidates outside ``interesting``
+    _distinct_others: int = 0
+    _heap: list = field(default_factory=list, repr=False)
+    _seen: set[int] = field(default_factory=set, repr=False)
+
+    @property
+    def evicted(self) -> int:
+        """Distinct candidates dropped for lack of room before planning (the tenant cap)."""
+        return self._distinct_others - self._others
+
+    def _keeps_all(self, key: tuple[str, str]) -> bool:
+        return self.interesting is None or self.room is None or key in self.interesting
 
     def add(self, outcome: Outcome) -> None:
         if outcome.kind == "candidate":
-            candidate = outcome.candidate
-            existing = self.candidates.get(candidate.key)
-            if existing is not None:
-                self.duplicates += 1
-                candidate = stronger(existing, candidate)
-            self.candidates[candidate.key] = candidate
+            self._add_candidate(outcome.candidate)
         elif outcome.kind == "retraction":
-            self.retractions.setdefault(outcome.key, outcome.reason)
+            if self.interesting is None or outcome.key in self.interesting:
+                self.retractions.setdefault(outcome.key, outcome.reason)
         elif outcome.kind == "rejected":
             self.rejected[outcome.reason] += 1
             if len(self.rejected_items) < 1000:
@@ -1028,21 +1053,59 @@ class Desired:
         else:
             self.skipped[outcome.reason] += 1
 
+    def _add_candidate(self, candidate: Candidate) -> None:
+        key = candidate.key
+        present = self.candidates.get(key)
+        if present is not None:
+            self.duplicates += 1
+            best = stronger(present, candidate)
+            if best is not present:
+                self.candidates[key] = best
+                if not self._keeps_all(key):
+                    heapq.heappush(self._heap, (cap_priority(best), key))
+            return
+        fingerprint = hash(key)
+        if fingerprint in self._seen:
+            self.duplicates += 1  # seen before, and dropped for lack of room
+        else:
+            self._seen.add(fingerprint)
+            self.distinct += 1
+            if not self._keeps_all(key):
+                self._distinct_others += 1
+        self.candidates[key] = candidate
+        if self._keeps_all(key):
+            return
+        self._others += 1
+        heapq.heappush(self._heap, (cap_priority(candidate), key))
+        while self._others > self.room:
+            priority, weakest = heapq.heappop(self._heap)
+            resident = self.candidates.get(weakest)
+            if resident is None or cap_priority(resident) != priority:
+                continue  # a stale heap entry
+            del self.candidates[weakest]
+            self._others -= 1
+            if len(self.evicted_sample) < 1000:
+                self.evicted_sample.append(resident)
+
     def finish(self) -> None:
         """A value that one attribute retracts but another still carries is not retracted."""
         for key in list(self.retractions):
             if key in self.candidates:
                 del self.retractions[key]
+        self._seen = set()
+        self._heap = []
+        self.evicted_sample = [c for c in self.evicted_sample if c.key not in self.candidates]
 
 
 def collect(events: Iterable[dict], settings: Settings, now: float,
-            on_event: Callable[[EventContext], None] | None = None) -> Desired:
-    desired = Desired()
+            on_event: Callable[[EventContext], None] | None = None, desired: Desired | None = None) -> Desired:
+    desired = Desired() if desired is None else desired
+    flatten = settings.misp_flatten_attributes
     for event in events:
         context = event_context(event)
         if on_event:
             on_event(context)
-        for attribute in event_attributes(event, settings.misp_flatten_attributes):
+        for attribute in event_attributes(event, flatten):
             desired.attributes += 1
             for outcome in map_attribute(attribute, context, settings, now):
                 desired.add(outcome)
@@ -1455,7 +1518,8 @@ class Plan:
     deletes: list[Deletion] = field(default_factory=list)
     replaced: list[Deletion] = field(default_factory=list)  # deleted after their successor lands
     keeps: Counter = field(default_factory=Counter)
-    left_out: list[Candidate] = field(default_factory=list)
+    left_out: list[Candidate] = field(default_factory=list)  # a sample when very many
+    left_out_count: int = 0
     deletes_withheld: str = ""
     owned: int = 0
     foreign: int = 0
@@ -1468,7 +1532,7 @@ class Plan:
     def summary(self) -> dict[str, int]:
         return {"create": len(self.creates), "update": len(self.updates),
                 "delete": len(self.deletes) + len(self.replaced), "keep": sum(self.keeps.values()),
-                "left_out": len(self.left_out)}
+                "left_out": self.left_out_count}
 
 
 def update_reason(candidate: Candidate, existing: Existing, now: float) -> str:
@@ -1490,12 +1554,6 @@ def update_reason(candidate: Candidate, existing: Existing, now: float) -> str:
             remaining = (existing.expiration - now) / 86400.0
             return f"expiry refresh ({remaining:.1f} days left)"
     return ""
-
-
-def _priority(candidate: Candidate) -> tuple:
-    """Who gets the room when the tenant cap is short: High first, Block before Audit, newest."""
-    return (SEVERITY_RANK[candidate.severity], ACTION_RANK.get(candidate.action, 0),
-            candidate.attribute_timestamp, candidate.value)
 
 
 def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
@@ -1551,23 +1609,26 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
     for key, reason in stale:
         result.deletes.extend(Deletion(e.id, *key, reason) for e in owned[key])
 
-    _apply_cap(result, settings)
+    _apply_cap(result, desired, settings)
     _guard_deletes(result, settings, read_complete=read_complete, force=force)
     return result
 
 
-def _apply_cap(result: Plan, settings: Settings) -> None:
+def _apply_cap(result: Plan, desired: Desired, settings: Settings) -> None:
     """Room = the cap minus active foreign indicators; plain creates over the room are left out."""
     result.room = settings.max_indicators - result.foreign
     staying = result.owned - len(result.deletes)  # replaced ones still count until their successor lands
-    free = result.room - staying
+    free = max(result.room - staying, 0)
     new = [c for c in result.creates if not c.replaces]
+    result.left_out = list(desired.evicted_sample)
+    result.left_out_count = desired.evicted
     if len(new) <= free:
         return
-    new.sort(key=lambda c: _priority(c.candidate), reverse=True)
-    keep_new = {id(c) for c in new[:max(free, 0)]}
-    result.left_out = [c.candidate for c in new[max(free, 0):]]
-    result.creates = [c for c in result.creates if c.replaces or id(c) in keep_new]
+    new.sort(key=lambda c: cap_priority(c.candidate), reverse=True)
+    kept = {id(c) for c in new[:free]}
+    result.left_out += [c.candidate for c in new[free:]]
+    result.left_out_count += len(new) - free
+    result.creates = [c for c in result.creates if c.replaces or id(c) in kept]
 
 
 def _guard_deletes(result: Plan, settings: Settings, *, read_complete: bool, force: bool) -> None:
@@ -1620,6 +1681,7 @@ class Report:
     left_out: int = 0
     failed: list[dict] = field(default_factory=list)
     rejected_items: list[dict] = field(default_factory=list)
+    left_out_items: list[dict] = field(default_factory=list)
     misp_error: str = ""
     deletes_withheld: str = ""
     fatal: str = ""
@@ -1666,7 +1728,7 @@ class Report:
                        "deleted": self.deleted, "kept": self.kept, "left_out": self.left_out,
                        "failed": len(self.failed), "rejected": sum(self.rejected.values())},
             "rejected_by_reason": dict(self.rejected), "skipped_by_reason": dict(self.skipped),
-            "failed": self.failed, "rejected_items": self.rejected_items,
+            "failed": self.failed, "rejected_items": self.rejected_items, "left_out_items": self.left_out_items,
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
             "otx_errors": self.otx_errors,
             "api": {name: dataclasses.asdict(s) for name, s in self.api.items()},
@@ -1898,15 +1960,7 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             client.tokens.get()  # a bad secret stops the run before any MISP paging
             report.api = client.stats
 
-        status = MispReadStatus()
-        on_event = (lambda e: log.info("MISP event %s: %s", e.id, e.info)) if settings.write_parsed_eventid else None
-        desired = collect(misp.events(args.full_sync, status), settings, time.time(), on_event)
-        report.events, report.attributes = status.events, desired.attributes
-        report.candidates, report.duplicates = len(desired.candidates), desired.duplicates
-        report.rejected, report.skipped = desired.rejected, desired.skipped
-        report.rejected_items = desired.rejected_items
-        report.misp_error = status.error
-
+        # Defender first: its listing (≤ 15,000) says which MISP keys need full records.
         existing: list[Existing] = []
         if client is not None and settings.check_existing:
             now = time.time()
@@ -1914,12 +1968,27 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
                                     for i in client.list_indicators()) if e is not None]
         elif not settings.check_existing:
             log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
+        foreign = sum(1 for e in existing if not e.owned)
+        desired = Desired(interesting=frozenset(e.key for e in existing),
+                          room=max(settings.max_indicators - foreign, 0))
 
-        still_selected = frozenset()
+        status = MispReadStatus()
+        on_event = (lambda e: log.info("MISP event %s: %s", e.id, e.info)) if settings.write_parsed_eventid else None
+        collect(misp.events(args.full_sync, status), settings, time.time(), on_event, desired)
+        report.events, report.attributes = status.events, desired.attributes
+        report.candidates, report.duplicates = desired.distinct, desired.duplicates
+        report.rejected, report.skipped = desired.rejected, desired.skipped
+        report.rejected_items = desired.rejected_items
+
+        still_selected: frozenset = frozenset()
         owned_keys = {e.key for e in existing if e.owned}
         to_check = [k for k in desired.retractions if k in owned_keys]
         if to_check and status.complete and not args.full_sync:
-            still_selected = still_selected_keys(misp, to_check, settings)
+            try:
+                still_selected = still_selected_keys(misp, to_check, settings)
+            except UnreachableError as exc:
+                status.complete, status.error = False, f"MISP value check failed: {exc}"
+        report.misp_error = status.error
 
         the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
                         still_selected=still_selected, force=args.force)
@@ -1932,13 +2001,15 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             report.api["otx"] = otx.stats
             if otx.errors:
                 log.warning("OTX: %d lookups failed; those indicators are pushed anyway", otx.errors)
-        report.kept, report.left_out = sum(the_plan.keeps.values()), len(the_plan.left_out)
+        report.kept, report.left_out = sum(the_plan.keeps.values()), the_plan.left_out_count
+        report.left_out_items = [{"type": c.indicator_type, "value": c.value, "severity": c.severity,
+                                  "action": c.action, "event_id": c.event_id} for c in the_plan.left_out]
         report.deletes_withheld = the_plan.deletes_withheld
         if the_plan.deletes_withheld:
             log.error("%s", the_plan.deletes_withheld)
-        if the_plan.left_out:
+        if the_plan.left_out_count:
             log.error("tenant cap: %d indicators left out (room %d of defender_max_indicators %d)",
-                      len(the_plan.left_out), the_plan.room, settings.max_indicators)
+                      the_plan.left_out_count, the_plan.room, settings.max_indicators)
         if settings.write_parsed_indicators:
             write_json(parsed_indicators_path(settings),
                        [indicator_json(c.candidate, settings) for c in the_plan.writes], settings.secrets)

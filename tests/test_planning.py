@@ -152,3 +152,20 @@ def test_deletes_free_room_for_creates_in_the_same_run() -> None:
     result = make_plan(wanted, held, full_sync=True, defender_max_indicators=3, force=True)
     assert [d.id for d in result.deletes] == ["1"] and values(result.creates) == ["new1.top", "new2.top"]
     assert result.left_out == []
+
+
+def test_desired_keeps_only_held_keys_and_the_best_others_in_full() -> None:
+    held = existing("1", "held.top", severity="Low")
+    bounded = m2d.Desired(interesting=frozenset({held.key}), room=2)
+    for c in (candidate("held.top", severity="Low"), candidate("low.top", severity="Low"),
+              candidate("high.top", severity="High"), candidate("medium.top"), candidate("LOW2.top", severity="Low"),
+              candidate("low.top", severity="High")):  # a stronger duplicate of an evicted key comes back
+        bounded.add(m2d.Outcome("candidate", candidate=c))
+    bounded.finish()
+    assert sorted(k[1] for k in bounded.candidates) == ["held.top", "high.top", "low.top"]
+    assert (bounded.distinct, bounded.duplicates, bounded.evicted) == (5, 1, 2)
+    result = m2d.plan(bounded, [held], make_settings(defender_max_indicators=3), read_complete=True,
+                      full_sync=False, now=NOW)
+    assert values(result.creates) == ["high.top", "low.top"]
+    assert result.left_out_count == 2
+    assert values(result.left_out) == ["LOW2.top", "medium.top"]
