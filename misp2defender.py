@@ -1861,7 +1861,7 @@ def setup_logging(settings: Settings | None, verbosity: int) -> list[logging.Han
         handler.setFormatter(RedactingFormatter(fmt, secrets))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    for noisy in ("urllib3", "msal"):
+    for noisy in ("urllib3", "msal", "pymisp"):  # pymisp logs whole responses at debug
         logging.getLogger(noisy).setLevel(logging.INFO)
     return handlers
 

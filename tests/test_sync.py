@@ -1,0 +1,208 @@
+"""End to end: misp2defender.main() against the Entra, Defender and MISP stand-ins (issue 2)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_EVENTS_DIR, TEST_CLIENT_ID, serving
+from tests.harness import Tool
+from tests.standins.misp import MispStandIn
+
+WRITES = ("import", "submit", "delete", "batch_delete")
+
+# The sample events in tests/data, as tests/data/README.md tabulates them (default filters,
+# vetted-only mode on event 04, warninglist enforced). Certificate thumbprints are rejected under
+# the default Audit action: Defender's certificate indicators take only Allowed/BlockAndRemediate.
+SAMPLE_KEYS = {
+    ("IpAddress", "185.225.17.88"), ("IpAddress", "91.215.85.147"), ("IpAddress", "46.101.155.38"),
+    ("IpAddress", "2a01:4f8:c17:2b1:0:0:0:3"), ("DomainName", "evil-domain.top"),
+    ("DomainName", "login-verify-account.xyz"), ("DomainName", "mail.cdn-update-check.top"),
+    ("Url", "http://cdn-update-check.top/wp-content/plugins/wpx-cache/loader.php"),
+    ("FileSha256", "d2f1da0889b90a130e36f0da535bd9b6fd299e2f9573e6a627a5c540997ab424"),
+    ("FileSha256", "bb9008e38301becb5406cdbd3f88f5f789ad9c82b43a750cfc2592a783fc3d92"),
+    ("IpAddress", "194.87.31.12"),
+    ("Url", "http://secure-login-portal.site/office365/auth.php"), ("DomainName", "secure-login-portal.site"),
+    ("DomainName", "xn--bcher-update-dlb.top"), ("DomainName", "auth.secure-login-portal.site"),
+    ("DomainName", "office-docs-share.xyz"), ("IpAddress", "5.188.86.172"),
+    ("Url", "https://docs-share-files.online/view?doc=INV-2026-1188"), ("IpAddress", "193.42.33.7"),
+    ("Url", "https://www.login-verify-account.xyz/owa/auth/logon.aspx?replaceCurrent=1"),
+    ("DomainName", "www.login-verify-account.xyz"),
+    ("FileMd5", "3e7188e69da07334aa862af04851634f"), ("FileSha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8"),
+    ("FileMd5", "5944c615e31c1482bdcc3cbcfa769e4a"), ("FileSha1", "a9f51651341103926ed17ac5363f755beaa2cfe5"),
+    ("FileMd5", "d0a9bf3ef7dc08b615e2daf165b035f8"), ("FileSha1", "4c08199ea3ef9d62d1298d97676558f2d3c7994a"),
+    ("FileSha256", "b7606bb122de9d77f58125ba3052b9035b39d837277128d5d71dc49d77189dff"),
+    ("IpAddress", "141.98.10.61"), ("DomainName", "update-service-cdn.xyz"),
+    ("FileSha256", "9fa1a3791607155b9fa2813741369ded4b987375f82e7a6d4f817fb78b7857a1"), ("IpAddress", "80.66.88.145"),
+    ("IpAddress", "179.43.187.30"), ("DomainName", "cs-teamserver.cloud-sync-status.top"),
+    ("IpAddress", "2a0b:f4c2:2:0:0:0:0:1"), ("Url", "https://cloud-sync-status.top/jquery-3.3.1.min.js"),
+}
+assert len(SAMPLE_KEYS) == 36
+
+
+def writes(tool: Tool) -> list:
+    return [c for c in tool.defender.calls() if c.endpoint in WRITES]
+
+
+def owned_keys(tool: Tool) -> set[tuple[str, str]]:
+    return {(t, v) for t, v, _ in tool.held()}
+
+
+def test_sample_events_sync_and_refused_values_never_reach_defender(tool: Tool) -> None:
+    result = tool.run()
+    assert result.code == 0, result.stderr
+    held = owned_keys(tool)
+    assert held == SAMPLE_KEYS and result.counts["created"] == 36
+    sent = [item["indicatorValue"] for call in tool.defender.calls("import") for item in call.body["Indicators"]]
+    for refused in ("10.1.2.3", "127.0.0.1", "45.133.1.0/24", "192.168.14.7", "224.0.0.251", "::1", "",
+                    "0bdc1ad4ed270a40b81c55f9c7e92d5", "969ae361c723d363db26c70f0b88142f4f46fc24"):
+        assert refused not in sent
+    assert result.counts["rejected"] == 15 and result.counts["failed"] == 0
+    assert result.report["rejected_by_reason"]["CIDR ranges are not supported by Defender"] == 1
+    # Strongest severity wins for the sha256 in two events (High in event 1201, Low in 1203).
+    [sha] = [i for i in tool.defender.active() if i["indicatorValue"].startswith("d2f1da08")]
+    assert (sha["severity"], sha["action"], sha["title"]) == (
+        "High", "Block", "Emotet epoch 6 - C2 infrastructure and malspam loader (Nov 2026)")
+
+
+def test_second_run_with_nothing_changed_writes_nothing_even_with_current_date(tool: Tool) -> None:
+    assert tool.run().code == 0
+    before = len(writes(tool))
+    second = tool.run()
+    assert second.code == 0 and len(writes(tool)) == before
+    assert second.counts["kept"] == 36 and second.counts["updated"] == 0
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_dry_run_writes_nothing(tool: Tool, how: str) -> None:
+    result = tool.run("--dry-run") if how == "flag" else tool.run(dry_run=True)
+    assert result.code == 0
+    assert writes(tool) == [] and tool.defender.calls("list")
+    assert "+ create (36)" in result.stdout and "dry run" in result.stdout
+
+
+def test_indicators_from_other_applications_are_neither_duplicated_nor_changed(tool: Tool) -> None:
+    [same_action, other_action] = tool.defender.seed([
+        {"indicatorType": "DomainName", "indicatorValue": "evil-domain.top", "action": "Audit", "title": "theirs",
+         "description": "x", "severity": "Low", "generateAlert": True},
+        {"indicatorType": "IpAddress", "indicatorValue": "185.225.17.88", "action": "Allowed", "title": "theirs",
+         "description": "x"},
+    ], created_by="another-app", application="Sentinel")
+    before = {i: dict(tool.defender.indicators[i]) for i in (same_action, other_action)}
+    assert tool.run().code == 0
+    # The same-action one covers the value: no second indicator. The Allowed one is another
+    # policy on the value (Allowed beats Block in Defender): it is left alone and not duplicated.
+    assert owned_keys(tool) == SAMPLE_KEYS - {("DomainName", "evil-domain.top"), ("IpAddress", "185.225.17.88")}
+    assert {i: tool.defender.indicators[i] for i in before} == before
+    assert tool.run("--full-sync", force=True).code == 0  # not even a full sync touches them
+    assert {i: tool.defender.indicators[i] for i in before} == before
+
+
+def test_bad_config_exits_2_before_any_network_call_naming_the_key(tool: Tool) -> None:
+    result = tool.run(defender_action="Deny")
+    assert result.code == 2 and "defender_action" in result.stderr
+    assert tool.misp.calls() == [] and tool.entra.calls() == [] and tool.defender.calls() == []
+
+
+def test_wrong_misp_key_exits_2_naming_the_credential(tool: Tool) -> None:
+    result = tool.run(misp_key="not-the-key")
+    assert result.code == 2 and "misp_key" in result.stderr and "MISP rejected the API key" in result.stderr
+    assert writes(tool) == []
+
+
+def test_wrong_client_secret_exits_2_naming_the_credential(tool: Tool) -> None:
+    graph_auth = {**tool.defaults["graph_auth"], "client_secret": "wrong"}
+    result = tool.run(graph_auth=graph_auth)
+    assert result.code == 2 and "client secret" in result.stderr and "AADSTS7000215" in result.stderr
+    assert tool.defender.calls() == [] and tool.misp.calls("events") == []
+
+
+def distinct_sha256_events(count: int, per_event: int = 250) -> list[dict]:
+    """Events carrying ``count`` distinct sha256 values (the test's own corpus)."""
+    events = []
+    for start in range(0, count, per_event):
+        attributes = [{"uuid": f"00000000-0000-4000-8000-{n:012d}", "type": "sha256", "category": "Payload delivery",
+                       "to_ids": True, "value": hashlib.sha256(f"sample-{n}".encode()).hexdigest()}
+                      for n in range(start, min(start + per_event, count))]
+        events.append({"Event": {"uuid": f"10000000-0000-4000-8000-{start:012d}", "info": f"bulk {start}",
+                                 "published": True, "Tag": [{"name": 'workflow:state="complete"'}],
+                                 "Attribute": attributes}})
+    return events
+
+
+def test_imports_never_exceed_500_items_or_quota_requests_per_minute(tool: Tool) -> None:
+    for event in distinct_sha256_events(1300):
+        tool.misp.add_event(event)
+    result = tool.run(max_indicators_per_query=500, quota_requests=2)
+    assert result.code == 0, result.stderr
+    imports = tool.defender.calls("import", status=200)
+    assert [len(c.body["Indicators"]) for c in imports] == [500, 500, 336]
+    minute = 60 * tool.defender.time_scale
+    times = [c.t for c in tool.defender.calls("import")]
+    assert all(sum(1 for t in times if start <= t < start + minute) <= 2 for start in times)
+    assert tool.defender.calls(status=429) == []
+
+
+def test_real_misp_events_end_up_as_exactly_the_expected_indicators(tool: Tool, tmp_path: Path) -> None:
+    feed = SHARED_EVENTS_DIR / "digitalside-feed"
+    if not feed.is_dir():
+        pytest.skip(f"{feed} is absent (real events live beside the repo, not in it)")
+    real = MispStandIn.from_directory(feed, key=tool.misp.key)
+    with serving(real) as misp:
+        tool.defaults["misp_domain"] = misp.url + "/"
+        result = tool.run(misp_event_filters={"published": True})
+        assert result.code == 0, result.stderr
+        # Written out by hand from two of the real events.
+        by_key = {(i["indicatorType"], i["indicatorValue"]): i for i in tool.defender.owned_by(TEST_CLIENT_ID)}
+        expected = {
+            ("FileMd5", "00da4e95f955eaae3566d19135ceb8f2"),
+            ("FileSha1", "f7cea25e5ed038fa566b23b288102451c1cab1ce"),
+            ("FileSha256", "f516ee82660137a6d56f460e85a14f041eb56ffbf14c1d54d614fca5cfe5dcd0"),
+            ("Url", "https://dc541.4sync.com/download/tNU3UTeE/lightshot_setup.msi?dsid=342jLuve.e2877eba77015a9ddb5f"
+                    "65831cef3eb6&sbsr=f4abe47fe61ec84e030c93bee755fcebad2&bip=MTkyLjE1OC4yMjYuMTY&lgfp=40"),
+            ("DomainName", "dc541.4sync.com"),
+            ("FileMd5", "412e5730c32274b24f950f242a38aef4"),
+            ("FileSha1", "74b1bbdb6175d7c23c34577ec96b7f1dc1895f05"),
+            ("FileSha256", "8a325b54b6cc9773d03239d84af22f31df3340d9722354844182c020bfb1a775"),
+            ("Url", "http://185.225.74.131/bins/sora.arm6"),
+            ("IpAddress", "185.225.74.131"),
+        }
+        assert expected <= set(by_key)
+        for key in expected:
+            item = by_key[key]
+            assert (item["action"], item["severity"], item["application"], item["generateAlert"]) == (
+                "Audit", "Medium", "MISP", True)
+            # tlp:white events: days_to_expire_tlpclear (7) from the run's date.
+            expires = dt.datetime.fromisoformat(item["expirationTime"].replace("Z", "+00:00"))
+            assert dt.timedelta(days=6, hours=23) < expires - dt.datetime.now(dt.timezone.utc) <= dt.timedelta(days=7)
+        assert by_key[("FileMd5", "412e5730c32274b24f950f242a38aef4")]["title"] == (
+            "DigitalSide Malware report: MD5: 412e5730c32274b24f950f242a38aef4")
+        # The whole feed: every to_ids md5/sha1/sha256/url/ip-dst/domain value, counted independently.
+        wanted = set()
+        kinds = {"md5": "FileMd5", "sha1": "FileSha1", "sha256": "FileSha256", "url": "Url", "ip-dst": "IpAddress",
+                 "domain": "DomainName"}
+        for path in feed.glob("*.json"):
+            event = json.loads(path.read_text())["Event"]
+            attributes = event.get("Attribute", []) + [a for o in event.get("Object", []) for a in o["Attribute"]]
+            for a in attributes:
+                if a["to_ids"] and a["type"] in kinds:
+                    value = a["value"] if a["type"] == "url" else a["value"].lower()
+                    wanted.add((kinds[a["type"]], value))
+        assert set(by_key) == wanted
+        assert result.counts["failed"] == 0
+
+
+def test_all_real_events_are_accepted_by_defender(tool: Tool) -> None:
+    if not SHARED_EVENTS_DIR.is_dir():
+        pytest.skip(f"{SHARED_EVENTS_DIR} is absent")
+    real = MispStandIn.from_directory(SHARED_EVENTS_DIR, key=tool.misp.key)
+    with serving(real) as misp:
+        tool.defaults["misp_domain"] = misp.url + "/"
+        result = tool.run(misp_event_filters={}, defender_action="Block")
+        assert result.code == 0, result.stderr
+        assert result.counts["failed"] == 0 and result.counts["created"] > 500
+        assert len(tool.held()) == result.counts["created"]
