@@ -1677,6 +1677,7 @@ class Report:
     created: int = 0
     updated: int = 0
     deleted: int = 0
+    deleted_by_reason: Counter = field(default_factory=Counter)
     kept: int = 0
     left_out: int = 0
     failed: list[dict] = field(default_factory=list)
@@ -1699,11 +1700,13 @@ class Report:
 
     def summary_line(self) -> str:
         rejected = ", ".join(f"{n} {reason}" for reason, n in self.rejected.most_common()) or "none"
+        deleted = ", ".join(f"{n} {reason}" for reason, n in self.deleted_by_reason.most_common())
         calls = sum(s.calls for s in self.api.values())
         mode = " (dry run: nothing written)" if self.dry_run else ""
         return (f"misp2defender: {self.events} events, {self.attributes} attributes, {self.candidates} "
                 f"candidates ({self.duplicates} duplicates), rejected {sum(self.rejected.values())} "
-                f"[{rejected}], created {self.created}, updated {self.updated}, deleted {self.deleted}, "
+                f"[{rejected}], created {self.created}, updated {self.updated}, deleted {self.deleted}"
+                f"{f' [{deleted}]' if deleted else ''}, "
                 f"kept {self.kept}, left out {self.left_out}, failed {len(self.failed)}, "
                 f"API calls {calls}, exit {self.exit_code}{mode}")
 
@@ -1728,6 +1731,7 @@ class Report:
                        "deleted": self.deleted, "kept": self.kept, "left_out": self.left_out,
                        "failed": len(self.failed), "rejected": sum(self.rejected.values())},
             "rejected_by_reason": dict(self.rejected), "skipped_by_reason": dict(self.skipped),
+            "deleted_by_reason": dict(self.deleted_by_reason),
             "failed": self.failed, "rejected_items": self.rejected_items, "left_out_items": self.left_out_items,
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
             "otx_errors": self.otx_errors,
@@ -1785,6 +1789,8 @@ def _delete(deletions: list[Deletion], client: DefenderClient, report: Report) -
             if status == 404:
                 raise DefenderError("BatchDelete still answered 404 after a fresh listing")
             report.deleted += len(ids)
+            gone = set(ids)
+            report.deleted_by_reason.update(d.reason for d in batch if d.id in gone)
         except DefenderError as exc:
             report.failed.extend({"type": d.indicator_type, "value": d.value, "reason": f"delete: {exc}"}
                                  for d in batch)
@@ -2016,6 +2022,7 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
         if dry_run:
             print(format_plan(the_plan))
             return
+        log.info("%s", format_plan(the_plan))
         if client is None:
             raise ConfigError("Defender credentials are missing (graph_auth)")
         apply_plan(the_plan, client, settings, report)
