@@ -724,7 +724,7 @@ def normalise_ip(value: str) -> str:
     except ValueError:
         raise Rejected("not a valid IP address") from None
     if not address.is_global or address.is_multicast:
-        raise Rejected("private, loopback or reserved IP address (Defender takes external IPs only)")
+        raise Rejected("private or reserved IP address (Defender takes external IPs only)")
     if address.version == 6:
         # Defender asks for all eight groups (2001:4860:4860:0:0:0:0:8888).
         return ":".join(f"{int(group, 16):x}" for group in address.exploded.split(":"))
@@ -1799,8 +1799,10 @@ def _delete(deletions: list[Deletion], client: DefenderClient, report: Report) -
 
 def format_plan(the_plan: Plan, limit: int = 200) -> str:
     """The plan as a person reads it (the dry run prints this)."""
-    lines = [f"Plan: {the_plan.summary()}  (owned {the_plan.owned}, foreign {the_plan.foreign}, "
-             f"room {the_plan.room})"]
+    counts = the_plan.summary()
+    lines = [f"Plan: {counts['create']} to create, {counts['update']} to update, {counts['delete']} to delete, "
+             f"{counts['keep']} kept, {counts['left_out']} left out (Defender holds {the_plan.owned} of ours "
+             f"and {the_plan.foreign} of others; room for {the_plan.room})"]
 
     def section(title: str, rows: list[str]) -> None:
         if not rows:

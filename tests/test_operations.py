@@ -1,0 +1,140 @@
+"""Operations (issue 5): --check, --report, OTX exclusion, certificate credentials, device groups."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import OTX_KEY, TEST_CLIENT_ID, serving
+from tests.harness import Tool
+from tests.standins.otx import OtxStandIn
+from tests.test_sync import SAMPLE_KEYS, WRITES, distinct_sha256_events
+
+
+def writes(tool: Tool) -> list:
+    return [c for c in tool.defender.calls() if c.endpoint in WRITES]
+
+
+def test_check_passes_on_a_healthy_setup_and_writes_nothing(tool: Tool) -> None:
+    result = tool.run("--check")
+    assert result.code == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("  ✓ MISP: ") and "accepts the API key" in line for line in lines)
+    assert "  ✓ MISP: 5 events match misp_event_filters" in lines
+    assert any(line.startswith("  ✓ Entra: token issued") and "Ti.ReadWrite.All" in line for line in lines)
+    assert any(line.startswith("  ✓ Defender: ") for line in lines)
+    assert "✗" not in result.stdout and writes(tool) == []
+    assert [c.query.get("$top") for c in tool.defender.calls("list")] == ["1"]
+
+
+@pytest.mark.parametrize("breakage, stage, fix_part", [
+    ("bad MISP key", "MISP", "misp_key"),
+    ("unreachable MISP", "MISP", "misp_domain"),
+    ("bad secret", "Entra", "client_secret = the secret *value*"),
+    ("missing permission", "Defender", "Ti.ReadWrite.All, then 'Grant admin consent'"),
+])
+def test_check_names_the_fix_for_each_broken_piece(tool: Tool, breakage: str, stage: str, fix_part: str) -> None:
+    overrides: dict = {}
+    if breakage == "bad MISP key":
+        overrides["misp_key"] = "wrong"
+    elif breakage == "unreachable MISP":
+        overrides["misp_domain"] = "http://127.0.0.1:9/"
+    elif breakage == "bad secret":
+        overrides["graph_auth"] = {**tool.defaults["graph_auth"], "client_secret": "wrong"}
+    else:
+        tool.defender.forbid(TEST_CLIENT_ID)
+    result = tool.run("--check", **overrides)
+    assert result.code == 2
+    failed = [line for line in result.stdout.splitlines() if line.startswith("  ✗")]
+    assert failed and failed[0].startswith(f"  ✗ {stage}:")
+    assert fix_part in result.stdout
+    assert writes(tool) == []
+
+
+def test_report_counts_match_what_defender_saw(tool: Tool) -> None:
+    tool.defender.seed([{"indicatorType": "DomainName", "indicatorValue": "evil-domain.top", "action": "Audit",
+                         "title": "x", "description": "x", "generateAlert": True}], created_by="someone-else")
+    first = tool.run()
+    assert first.code == 0
+    tool.misp.unpublish("37018e28-4d6a-4ace-9e41-009656db4192")  # event 03
+    result = tool.run("--full-sync")
+    assert result.code == 0
+    report = result.report
+    imported = [item for c in tool.defender.calls("import") for item in c.body["Indicators"]]
+    deleted = [i for c in tool.defender.calls("batch_delete") for i in c.body["IndicatorIds"]]
+    assert first.counts["created"] + result.counts["created"] + result.counts["updated"] == len(imported)
+    assert result.counts["deleted"] == len(deleted) == 7
+    assert report["deleted_by_reason"] == {"not selected in MISP any more": 7}
+    assert first.counts["kept"] == 1 and result.counts["kept"] == 28 + 1  # ours, plus the one held by another app
+    calls = Counter(c.endpoint for c in tool.defender.calls())
+    assert sum(s["calls"] for s in first.report["api"].values()) + sum(
+        s["calls"] for s in report["api"].values()) == sum(calls.values())
+    assert report["exit_code"] == 0 and report["duration_seconds"] >= 0
+    assert report["rejected_by_reason"]["CIDR ranges are not supported by Defender"] == 1
+    assert {item["value"] for item in report["rejected_items"]} >= {"10.1.2.3", "45.133.1.0/24"}
+    json.dumps(report)
+
+
+def otx_config(otx: OtxStandIn, **extra: object) -> dict:
+    return {"exclude_if_in_alienvault": True, "otx_alienvault_api": OTX_KEY, "otx_alienvault_url": otx.url, **extra}
+
+
+def test_values_known_to_otx_are_not_pushed(tool: Tool, pki) -> None:
+    known = {"185.225.17.88", "evil-domain.top", "d2f1da0889b90a130e36f0da535bd9b6fd299e2f9573e6a627a5c540997ab424",
+             "http://cdn-update-check.top/wp-content/plugins/wpx-cache/loader.php"}
+    with serving(OtxStandIn(pki, key=OTX_KEY, known=known)) as otx:
+        result = tool.run(**otx_config(otx))
+        assert result.code == 0, result.stderr
+        held = {v for _, v, _ in tool.held()}
+        assert held == {v for _, v in SAMPLE_KEYS} - known
+        assert result.report["skipped_by_reason"]["known in AlienVault OTX"] == 4
+        assert len(otx.calls("lookup")) == 36  # only what the plan would create is looked up
+        again = tool.run(**otx_config(otx))
+        assert len(otx.calls("lookup")) == 36 + 4 and again.counts["created"] == 0
+
+
+@pytest.mark.parametrize("fault", [{"status": 500, "times": 1000}, {"delay": 3.0, "times": 1000}])
+def test_a_failing_or_stalling_otx_does_not_stop_the_run(tool: Tool, pki, fault: dict) -> None:
+    with serving(OtxStandIn(pki, key=OTX_KEY, known={"185.225.17.88"})) as otx:
+        otx.inject("lookup", **fault)
+        result = tool.run(**otx_config(otx), request_timeout=1)
+        assert result.code == 0, result.stderr
+        assert {(t, v) for t, v, _ in tool.held()} == SAMPLE_KEYS  # unknown answers mean: push
+        assert result.report["otx_errors"] == 36
+
+
+def test_500_otx_lookups_at_50ms_take_well_under_25s(tool: Tool, pki) -> None:
+    for event in distinct_sha256_events(500 - 36):
+        tool.misp.add_event(event)
+    with serving(OtxStandIn(pki, key=OTX_KEY, latency=0.05)) as otx:
+        started = time.monotonic()
+        result = tool.run(**otx_config(otx), otx_max_workers=16)
+        elapsed = time.monotonic() - started
+        assert result.code == 0 and len(otx.calls("lookup")) == 500
+        print(f"500 OTX lookups at 50 ms: whole run {elapsed:.1f} s")
+        # Not a timing assertion on the machine: the stand-in's own log shows the lookups overlapped.
+        lookups = otx.calls("lookup")
+        assert lookups[-1].t - lookups[0].t < 500 * 0.05 / 4
+
+
+def test_certificate_credentials_get_a_token_and_sync(tool: Tool, client_certificate: tuple[Path, str]) -> None:
+    pem, thumbprint = client_certificate
+    tool.entra.register_certificate(TEST_CLIENT_ID, pem)
+    graph_auth = {k: v for k, v in tool.defaults["graph_auth"].items() if k != "client_secret"}
+    result = tool.run(graph_auth={**graph_auth, "client_certificate": str(pem),
+                                  "client_certificate_thumbprint": thumbprint})
+    assert result.code == 0, result.stderr
+    [token_call] = tool.entra.calls("token")
+    assert "client_assertion" in token_call.body and "client_secret" not in token_call.body
+    assert {(t, v) for t, v, _ in tool.held()} == SAMPLE_KEYS
+
+
+def test_device_groups_are_applied(tool: Tool) -> None:
+    assert tool.run(defender_rbac_group_names=["Servers", "Finance laptops"]).code == 0
+    items = [item for c in tool.defender.calls("import") for item in c.body["Indicators"]]
+    assert len(items) == 36 and all(i["rbacGroupNames"] == ["Servers", "Finance laptops"] for i in items)
+    assert all(i["rbacGroupNames"] == ["Servers", "Finance laptops"] for i in tool.defender.active())
