@@ -25,11 +25,13 @@ Sections, in the order a run uses them:
 from __future__ import annotations
 
 import argparse
+import bisect
 import concurrent.futures
 import dataclasses
 import datetime as dt
 import email.utils
 import fcntl
+import functools
 import heapq
 import ipaddress
 import json
@@ -38,6 +40,7 @@ import math
 import os
 import random
 import re
+import resource
 import runpy
 import stat
 import sys
@@ -48,7 +51,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 __version__ = "1.0.0"
@@ -241,6 +244,12 @@ class Settings:
     def days_for(self, indicator_type: str) -> int:
         return int(self.days_to_expire_mapping.get(indicator_type, self.days_to_expire))
 
+    @functools.cached_property
+    def lifetimes(self) -> dict[tuple[str, bool], int]:
+        """Days an indicator lives, by (indicator type, TLP:CLEAR): worked out once per run."""
+        return {(t, clear): min(self.days_for(t), self.days_to_expire_tlpclear) if clear else self.days_for(t)
+                for t in INDICATOR_TYPES for clear in (False, True)}
+
 
 def load_config_module(path: str | Path) -> dict[str, Any]:
     """Execute config.py and return its public names (no network, nothing else imported)."""
@@ -288,7 +297,7 @@ def _tag_list(name: str, value: Any) -> frozenset[str]:
 
 
 def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
-                   config_path: str = "") -> Settings:
+                   config_path: str = "", dry_run: bool = False) -> Settings:
     """Validate config names, types and values; resolve presets and environment secrets.
 
     Runs before any network call: every mistake here names the config key that is wrong.
@@ -336,7 +345,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         raise ConfigError(f"config key misp_verifycert names a CA bundle {verify!r} that does not exist")
 
     filters = _expect("misp_event_filters", cfg["misp_event_filters"], dict, "a dict of MISP restSearch filters")
-    dry_run = _expect("dry_run", cfg["dry_run"], bool, "True or False")
+    dry_run = _expect("dry_run", cfg["dry_run"], bool, "True or False") or dry_run
     if not dry_run:
         for key in ("tenant", "client_id"):
             if not auth_values[key]:
@@ -446,13 +455,26 @@ def warn_if_config_exposes_secrets(path: str | Path, raw: Mapping[str, Any]) -> 
 
 @dataclass(frozen=True, slots=True)
 class EventContext:
-    """What mapping needs to know about the event an attribute came from."""
+    """What mapping needs to know about the event an attribute came from.
+
+    The tag-derived facts are worked out once per event, not once per attribute.
+    """
 
     id: str
     uuid: str
     info: str
     tags: frozenset[str]
     timestamp: float
+    severity: str | None = field(init=False)  # from misp:threat-level tags
+    action: str | None = field(init=False)  # from course-of-action tags
+    tlp_clear: bool = field(init=False)
+    title: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "severity", _tag_override(self.tags, THREAT_LEVEL_SEVERITY))
+        object.__setattr__(self, "action", _course_of_action(self.tags))
+        object.__setattr__(self, "tlp_clear", bool(self.tags & TLP_CLEAR_TAGS))
+        object.__setattr__(self, "title", (self.info or f"MISP event {self.id}")[:TITLE_LIMIT])
 
 
 @dataclass
@@ -465,11 +487,14 @@ class MispReadStatus:
     error: str = ""
 
 
+NO_TAGS: frozenset[str] = frozenset()
+
+
 def tag_names(container: Any) -> frozenset[str]:
     """Tag names of an event or attribute dict, tolerating the shapes hostile data takes."""
     tags = container.get("Tag") if isinstance(container, dict) else None
-    if not isinstance(tags, list):
-        return frozenset()
+    if not tags or not isinstance(tags, list):
+        return NO_TAGS
     return frozenset(t["name"] for t in tags if isinstance(t, dict) and isinstance(t.get("name"), str))
 
 
@@ -638,6 +663,9 @@ TYPE_MAP: dict[str, tuple[str, int | None]] = {
 SPLIT_TYPES: dict[str, tuple[tuple[str, int], ...]] = {
     "domain|ip": (("DomainName", 0), ("IpAddress", 1)),
 }
+TYPE_PARTS: dict[str, tuple[tuple[str, int | None], ...]] = {
+    **{misp_type: (target,) for misp_type, target in TYPE_MAP.items()}, **SPLIT_TYPES}
+COMPOSITE_TYPES = frozenset(t for t, parts in TYPE_PARTS.items() if any(p is not None for _, p in parts))
 
 THREAT_LEVEL_SEVERITY = {
     'misp:threat-level="high-risk"': "High",
@@ -656,16 +684,23 @@ TITLE_LIMIT, DESCRIPTION_LIMIT = 100, 1000  # undocumented limits: stay conserva
 HEX_LENGTH = {"FileMd5": 32, "FileSha1": 40, "FileSha256": 64, "CertificateThumbprint": 40}
 _DEFANG = (("hxxps", "https"), ("hxxp", "http"), ("[.]", "."), ("(.)", "."), ("[dot]", "."),
            ("[:]", ":"), ("[://]", "://"))
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DOMAIN = re.compile(rf"(?:{_LABEL}\.)+{_LABEL}")
+_HEX = re.compile(r"[0-9a-f]+")
+_SPACE = re.compile(r"\s")
 
 
 class Rejected(ValueError):
     """A value Defender would refuse; the message is the reason users read."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
-    """One indicator the run wants in Defender, with just enough provenance to explain it."""
+    """One indicator the run wants in Defender, with just enough provenance to explain it.
+
+    Treated as immutable; not frozen only because frozen dataclasses are slow to build, and a
+    million of them are built in a large sync.
+    """
 
     indicator_type: str
     value: str
@@ -680,13 +715,21 @@ class Candidate:
     category: str
     comment: str
     attribute_timestamp: float
+    generate_alert: bool
+
+    # A candidate is its own mapping outcome: one object less per attribute on the hot path.
+    kind: ClassVar[str] = "candidate"
+
+    @property
+    def candidate(self) -> Candidate:
+        return self
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.indicator_type, self.value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """What mapping made of one attribute: a candidate, a retraction, a rejection or a skip."""
 
@@ -698,6 +741,8 @@ class Outcome:
 
 
 def refang(value: str) -> str:
+    if "[" not in value and "(" not in value and "xx" not in value.lower():
+        return value
     for fanged, plain in _DEFANG:
         value = value.replace(fanged, plain).replace(fanged.upper(), plain)
     return value
@@ -708,13 +753,43 @@ def normalise_hash(indicator_type: str, value: str) -> str:
     if indicator_type == "CertificateThumbprint":
         cleaned = cleaned.replace(":", "").replace(" ", "")
     length = HEX_LENGTH[indicator_type]
-    if len(cleaned) != length or not all(c in "0123456789abcdef" for c in cleaned):
+    if len(cleaned) != length or not _HEX.fullmatch(cleaned):
         raise Rejected(f"malformed {indicator_type} hash (expected {length} hex digits)")
     return cleaned
 
 
+# IPv4 networks that are not global, and multicast, as integer ranges: checking them with bisect is
+# much cheaper than ipaddress' is_global, and mapping runs once per MISP attribute. 192.0.0.0/24
+# (whose exceptions differ between Python versions) goes to ipaddress instead. A test compares
+# this table with ipaddress on every boundary and on random addresses.
+_NOT_GLOBAL_V4 = sorted(
+    (int(net.network_address), int(net.broadcast_address))
+    for net in map(ipaddress.IPv4Network, (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+        "224.0.0.0/4", "240.0.0.0/4")))
+_NOT_GLOBAL_STARTS = [start for start, _ in _NOT_GLOBAL_V4]
+_IETF_V4 = (int(ipaddress.IPv4Address("192.0.0.0")), int(ipaddress.IPv4Address("192.0.0.255")))
+
+
+def ipv4_is_public(number: int) -> bool:
+    """Whether Defender would take this IPv4 address: global and not multicast."""
+    if _IETF_V4[0] <= number <= _IETF_V4[1]:
+        address = ipaddress.IPv4Address(number)
+        return address.is_global and not address.is_multicast
+    index = bisect.bisect_right(_NOT_GLOBAL_STARTS, number) - 1
+    return index < 0 or number > _NOT_GLOBAL_V4[index][1]
+
+
 def normalise_ip(value: str) -> str:
     cleaned = refang(value.strip())
+    octets = cleaned.split(".")
+    if len(octets) == 4 and all(o.isdigit() and len(o) <= 3 and (o == "0" or o[0] != "0") for o in octets):
+        a, b, c, d = map(int, octets)
+        if a < 256 and b < 256 and c < 256 and d < 256:  # the common case, without ipaddress objects
+            if not ipv4_is_public((a << 24) | (b << 16) | (c << 8) | d):
+                raise Rejected("private or reserved IP address (Defender takes external IPs only)")
+            return cleaned
     if "/" in cleaned:
         raise Rejected("CIDR ranges are not supported by Defender")
     if "-" in cleaned:
@@ -737,45 +812,51 @@ def normalise_domain(value: str) -> str:
         cleaned = cleaned[2:]  # Defender domain indicators already cover subdomains
     if not cleaned:
         raise Rejected("empty domain")
-    try:
-        ipaddress.ip_address(cleaned)
-    except ValueError:
-        pass
+    if cleaned.isascii():
+        ascii_name = cleaned
     else:
+        try:
+            ascii_name = cleaned.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise Rejected("not a valid domain name (IDN encoding failed)") from None
+    if len(ascii_name) > 253 or not _DOMAIN.fullmatch(ascii_name) or ascii_name.rpartition(".")[2].isdigit():
+        try:
+            ipaddress.ip_address(cleaned)
+        except ValueError:
+            raise Rejected("not a valid domain name") from None
         raise Rejected("an IP address, not a domain name")
-    try:
-        ascii_name = cleaned.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise Rejected("not a valid domain name (IDN encoding failed)") from None
-    labels = ascii_name.split(".")
-    if (len(ascii_name) > 253 or len(labels) < 2 or labels[-1].isdigit()
-            or not all(_LABEL.fullmatch(label) for label in labels)):
-        raise Rejected("not a valid domain name")
     return ascii_name
 
 
 def normalise_url(value: str) -> str:
     cleaned = refang(value.strip())
-    if not cleaned or any(c.isspace() for c in cleaned):
+    if not cleaned or _SPACE.search(cleaned):
         raise Rejected("not a valid URL (empty or contains spaces)")
     has_scheme = "://" in cleaned
     parts = urlsplit(cleaned if has_scheme else f"http://{cleaned}")
     if parts.scheme.lower() not in ("http", "https", "ftp"):
         raise Rejected(f"unsupported URL scheme {parts.scheme!r}")
     host = parts.hostname or ""
-    try:
-        ipaddress.ip_address(host)
-        normalise_ip(host)
+    if _is_ip_literal(host):
+        normalise_ip(host)  # rejects private and reserved addresses
         netloc = parts.netloc.lower()
-    except Rejected:
-        raise
-    except ValueError:
+    else:
         netloc = normalise_domain(host) + (f":{parts.port}" if _safe_port(parts) else "")
     if not has_scheme:
         # Scheme-less MISP urls are sent as MISP holds them (host normalised): Defender's docs do
         # not say whether it adds a scheme, and adding one could miss https traffic.
         return netloc + urlunsplit(("", "", parts.path, parts.query, parts.fragment))
     return urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, parts.fragment))
+
+
+def _is_ip_literal(host: str) -> bool:
+    if not host or not (host[-1].isdigit() or ":" in host):  # cheap test first: most hosts are names
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _safe_port(parts: Any) -> int | None:
@@ -827,6 +908,21 @@ def action_for(indicator_type: str, wanted: str) -> tuple[str, bool]:
     return action, force_alert
 
 
+_ACTIONS: dict[tuple[str, str], tuple[str, bool] | str] = {}
+
+
+def cached_action_for(indicator_type: str, wanted: str) -> tuple[str, bool] | str:
+    """action_for, remembered: (action, force_alert), or the rejection reason as a string."""
+    found = _ACTIONS.get((indicator_type, wanted))
+    if found is None:
+        try:
+            found = action_for(indicator_type, wanted)
+        except Rejected as exc:
+            found = str(exc)
+        _ACTIONS[(indicator_type, wanted)] = found
+    return found
+
+
 def _tag_override(tags: frozenset[str], table: Mapping[str, str]) -> str | None:
     found = [table[t] for t in tags if t in table]
     return max(found, key=lambda s: SEVERITY_RANK[s]) if found else None
@@ -860,12 +956,10 @@ def _iso_epoch(value: Any) -> float | None:
 
 
 
-def expiration_for(settings: Settings, indicator_type: str, tags: frozenset[str], attribute: dict,
+def expiration_for(settings: Settings, indicator_type: str, tlp_clear: bool, attribute: dict,
                    now: float) -> tuple[float | None, int]:
     """Expiry per the README: per-type days from valid_from or now, TLP:CLEAR shorter, last_seen."""
-    days = settings.days_for(indicator_type)
-    if tags & TLP_CLEAR_TAGS:
-        days = min(days, settings.days_to_expire_tlpclear)
+    days = settings.lifetimes[indicator_type, tlp_clear]
     if not settings.ignore_last_seen:
         last_seen = _iso_epoch(attribute.get("last_seen"))
         if last_seen is not None:
@@ -883,82 +977,97 @@ def _skip(reason: str) -> list[Outcome]:
     return [Outcome("skipped", reason)]
 
 
-def map_attribute(attribute: Any, event: EventContext, settings: Settings, now: float) -> list[Outcome]:
-    """Attribute → outcomes. Pure: no I/O, no globals but the tables above."""
+def _rejected(reason: str, attribute: dict, event: EventContext) -> Outcome:
+    detail = {"event_id": event.id, "event_uuid": event.uuid, "attribute_uuid": str(attribute.get("uuid") or ""),
+              "type": str(attribute.get("type")), "value": str(attribute.get("value"))[:200]}
+    return Outcome("rejected", reason, detail=detail)
+
+
+def _retraction_reason(attribute: dict) -> str | None:
+    """"" for a live actionable attribute, a reason for a retracted one, None when never actionable."""
+    deleted, to_ids = attribute.get("deleted"), attribute.get("to_ids")
+    if deleted is True or deleted in ("1", 1):
+        return "deleted in MISP"
+    if to_ids is True or to_ids in (1, "1"):
+        return ""
+    if to_ids is False or to_ids in ("0", 0):
+        return "to_ids turned off"
+    return None
+
+
+def map_attribute(attribute: Any, event: EventContext, settings: Settings, now: float) -> list[Outcome | Candidate]:
+    """Attribute → outcomes. Pure: no I/O, no globals but the tables above. (The sync's hot path.)"""
     if not isinstance(attribute, dict):
         return _skip("attribute is not an object")
     misp_type = attribute.get("type")
-    if not isinstance(misp_type, str):
-        return _skip("attribute has no type")
-    if misp_type in SPLIT_TYPES:
-        parts = SPLIT_TYPES[misp_type]
-    elif misp_type in TYPE_MAP:
-        parts = (TYPE_MAP[misp_type],)
-    else:
-        return _skip(f"type {misp_type} has no Defender indicator type")
+    parts = TYPE_PARTS.get(misp_type) if isinstance(misp_type, str) else None
+    if parts is None:
+        return _skip(f"type {misp_type} has no Defender indicator type" if isinstance(misp_type, str)
+                     else "attribute has no type")
     raw_value = attribute.get("value")
-    detail = {"event_id": event.id, "event_uuid": event.uuid, "attribute_uuid": str(attribute.get("uuid") or ""),
-              "type": misp_type, "value": str(raw_value)[:200]}
     if not isinstance(raw_value, str) or not raw_value.strip():
-        return [Outcome("rejected", "empty or missing value", detail=detail)]
-    if any(part is not None for _, part in parts) and raw_value.count("|") != 1:
-        return [Outcome("rejected", f"composite {misp_type} value must hold exactly one '|'", detail=detail)]
+        return [_rejected("empty or missing value", attribute, event)]
+    if misp_type in COMPOSITE_TYPES and raw_value.count("|") != 1:
+        return [_rejected(f"composite {misp_type} value must hold exactly one '|'", attribute, event)]
+    deleted, to_ids = attribute.get("deleted"), attribute.get("to_ids")
+    if to_ids is True and not deleted:
+        retracted = ""  # the common case first
+    else:
+        retracted = _retraction_reason(attribute)
+        if retracted is None:
+            return _skip("to_ids is not set")
 
-    keys = []
+    keys: list[tuple[str, str | Rejected]] = []
     for indicator_type, part in parts:
         value = raw_value if part is None else raw_value.split("|", 1)[part]
         try:
-            keys.append((indicator_type, normalise(indicator_type, value)))
+            keys.append((indicator_type, NORMALISERS[indicator_type](value)))
         except Rejected as exc:
             if len(parts) == 1:
-                return [Outcome("rejected", str(exc), detail=detail)]
-            # domain|ip: one bad half does not spoil the other.
-            keys.append((indicator_type, Rejected(str(exc))))
+                return [_rejected(str(exc), attribute, event)]
+            keys.append((indicator_type, exc))  # domain|ip: one bad half does not spoil the other
 
     attribute_tags = tag_names(attribute)
-    deleted, to_ids = attribute.get("deleted"), attribute.get("to_ids")
-    retracted = ("deleted in MISP" if deleted is True or deleted in ("1", 1)
-                 else "to_ids turned off" if to_ids is False or to_ids in ("0", 0) else "")
-    if not retracted and to_ids not in (True, 1, "1"):
-        return _skip("to_ids is not set")
-    vetted_event = bool(event.tags & settings.vetted_event_tags)
-    not_vetted = vetted_event and not (attribute_tags & settings.vetted_attribute_tags)
-
-    outcomes = []
-    all_tags = event.tags | attribute_tags
-    severity = (_tag_override(attribute_tags, THREAT_LEVEL_SEVERITY) or _tag_override(event.tags, THREAT_LEVEL_SEVERITY)
-                or settings.severity)
-    wanted_action = _course_of_action(attribute_tags) or _course_of_action(event.tags) or settings.action
+    not_vetted = bool(event.tags & settings.vetted_event_tags) and not (attribute_tags & settings.vetted_attribute_tags)
+    if attribute_tags:
+        severity = _tag_override(attribute_tags, THREAT_LEVEL_SEVERITY) or event.severity or settings.severity
+        wanted_action = _course_of_action(attribute_tags) or event.action or settings.action
+        tlp_clear = event.tlp_clear or bool(attribute_tags & TLP_CLEAR_TAGS)
+    else:
+        severity, wanted_action, tlp_clear = (event.severity or settings.severity, event.action or settings.action,
+                                              event.tlp_clear)
+    outcomes: list[Outcome | Candidate] = []
+    fixed_expiry = settings.ignore_last_seen and settings.expire_from_current_date
     for indicator_type, value in keys:
         if isinstance(value, Rejected):
-            outcomes.append(Outcome("rejected", str(value), detail=detail))
+            outcomes.append(_rejected(str(value), attribute, event))
             continue
-        key = (indicator_type, value)
         if retracted:
-            outcomes.append(Outcome("retraction", retracted, key=key))
+            outcomes.append(Outcome("retraction", retracted, key=(indicator_type, value)))
             continue
         if not_vetted:
-            outcomes.append(Outcome("skipped", "event needs vetted attributes; attribute not vetted", key=key))
+            outcomes.append(Outcome("skipped", "event needs vetted attributes; attribute not vetted",
+                                    key=(indicator_type, value)))
             continue
-        try:
-            action, _ = action_for(indicator_type, wanted_action)
-        except Rejected as exc:
-            outcomes.append(Outcome("rejected", str(exc), detail=detail))
+        action = cached_action_for(indicator_type, wanted_action)
+        if isinstance(action, str):
+            outcomes.append(_rejected(action, attribute, event))
             continue
-        expiration, days = expiration_for(settings, indicator_type, all_tags, attribute, now)
+        if fixed_expiry:
+            days = settings.lifetimes[indicator_type, tlp_clear]
+            expiration: float | None = min(now + days * 86400.0, MAX_EPOCH)
+        else:
+            expiration, days = expiration_for(settings, indicator_type, tlp_clear, attribute, now)
         if expiration is not None and expiration <= now:
-            outcomes.append(Outcome("skipped", "already expired", key=key))
+            outcomes.append(Outcome("skipped", "already expired", key=(indicator_type, value)))
             continue
         comment = attribute.get("comment")
         category = attribute.get("category")
-        outcomes.append(Outcome("candidate", candidate=Candidate(
-            indicator_type=indicator_type, value=value, action=action, severity=severity,
-            expiration=expiration, lifetime_days=days,
-            title=(event.info or f"MISP event {event.id}")[:TITLE_LIMIT],
-            event_id=event.id, event_uuid=event.uuid, attribute_type=misp_type,
-            category=category if isinstance(category, str) else "",
-            comment=comment[:500] if isinstance(comment, str) else "",
-            attribute_timestamp=_epoch(attribute.get("timestamp"), event.timestamp))))
+        outcomes.append(Candidate(
+            indicator_type, value, action[0], severity, expiration, days, event.title, event.id, event.uuid,
+            misp_type, category if isinstance(category, str) else "",
+            comment[:500] if isinstance(comment, str) and comment else "",
+            _epoch(attribute.get("timestamp"), event.timestamp), action[1] or settings.generate_alert))
     return outcomes
 
 
@@ -988,7 +1097,6 @@ def indicator_json(candidate: Candidate, settings: Settings) -> dict[str, Any]:
                    f"{candidate.attribute_type}/{candidate.category or 'uncategorised'}")
     if candidate.comment:
         description += f": {candidate.comment}"
-    _, force_alert = action_for(candidate.indicator_type, candidate.action)
     item = {
         "indicatorValue": candidate.value,
         "indicatorType": candidate.indicator_type,
@@ -998,7 +1106,7 @@ def indicator_json(candidate: Candidate, settings: Settings) -> dict[str, Any]:
         "description": description[:DESCRIPTION_LIMIT],
         "severity": candidate.severity,
         "recommendedActions": settings.recommended_actions,
-        "generateAlert": settings.generate_alert or force_alert,
+        "generateAlert": candidate.generate_alert,
         "expirationTime": format_time(candidate.expiration),
     }
     if settings.rbac_group_names:
@@ -1040,9 +1148,9 @@ class Desired:
     def _keeps_all(self, key: tuple[str, str]) -> bool:
         return self.interesting is None or self.room is None or key in self.interesting
 
-    def add(self, outcome: Outcome) -> None:
-        if outcome.kind == "candidate":
-            self._add_candidate(outcome.candidate)
+    def add(self, outcome: Outcome | Candidate) -> None:
+        if type(outcome) is Candidate:
+            self._add_candidate(outcome)
         elif outcome.kind == "retraction":
             if self.interesting is None or outcome.key in self.interesting:
                 self.retractions.setdefault(outcome.key, outcome.reason)
@@ -1355,9 +1463,10 @@ class DefenderClient:
         while True:
             response = self._call("list", "GET", url, params=params)
             self._raise_for_status("list", response)
-            page = response.json().get("value", [])
+            body = response.json()
+            page = body.get("value", [])
             indicators.extend(page)
-            next_link = response.json().get("@odata.nextLink")
+            next_link = body.get("@odata.nextLink")
             if limit is not None and len(indicators) >= limit:
                 return indicators[:limit]
             if next_link:
@@ -1473,6 +1582,10 @@ class Existing:
     title: str
     expiration: float | None
     owned: bool
+    # None: Defender's answer did not carry the field, so it is not compared.
+    generate_alert: bool | None = None
+    recommended_actions: str | None = None
+    rbac_groups: tuple[str, ...] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -1491,7 +1604,12 @@ def existing_from_api(item: dict, client_id: str, application: str, now: float) 
                     value=normalise_existing(indicator_type, item["indicatorValue"]),
                     action=str(item.get("action") or ""), severity=str(item.get("severity") or ""),
                     title=str(item.get("title") or ""), expiration=expiration,
-                    owned=item.get("createdBy") == client_id and item.get("application") == application)
+                    owned=item.get("createdBy") == client_id and item.get("application") == application,
+                    generate_alert=item.get("generateAlert") if isinstance(item.get("generateAlert"), bool) else None,
+                    recommended_actions=item.get("recommendedActions") if isinstance(
+                        item.get("recommendedActions"), str) else None,
+                    rbac_groups=tuple(sorted(map(str, item["rbacGroupNames"])))
+                    if isinstance(item.get("rbacGroupNames"), list) else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1535,17 +1653,24 @@ class Plan:
                 "left_out": self.left_out_count}
 
 
-def update_reason(candidate: Candidate, existing: Existing, now: float) -> str:
+def update_reason(candidate: Candidate, existing: Existing, settings: Settings, now: float) -> str:
     """Why an owned indicator must be rewritten, or "" when users would notice no difference.
 
     Expiry: only when the desired expiry is later by more than half the configured lifetime, so
     the hours of drift that ``current_date`` adds every run never cause a write, and an expiry
-    that an earlier run set later is never shortened.
+    that an earlier run set later is never shortened. Settings that apply to every indicator
+    (alerts, recommended actions, device groups) are compared when Defender reports them.
     """
     if candidate.severity != existing.severity:
         return f"severity {existing.severity or 'unset'} → {candidate.severity}"
     if candidate.title != existing.title:
         return "title changed"
+    if existing.generate_alert is not None and existing.generate_alert != candidate.generate_alert:
+        return f"generateAlert → {candidate.generate_alert}"
+    if existing.recommended_actions is not None and existing.recommended_actions != settings.recommended_actions:
+        return "recommended actions changed"
+    if existing.rbac_groups is not None and existing.rbac_groups != tuple(sorted(settings.rbac_group_names)):
+        return "device groups changed"
     if existing.expiration is not None:
         if candidate.expiration is None:
             return "expiry removed"
@@ -1586,7 +1711,7 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
         same_action = [e for e in mine if e.action == candidate.action]
         if same_action:
             keep = same_action[0]
-            reason = update_reason(candidate, keep, now)
+            reason = update_reason(candidate, keep, settings, now)
             if reason:
                 result.updates.append(Change(candidate, reason))
             else:
@@ -1609,8 +1734,8 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
     for key, reason in stale:
         result.deletes.extend(Deletion(e.id, *key, reason) for e in owned[key])
 
-    _apply_cap(result, desired, settings)
     _guard_deletes(result, settings, read_complete=read_complete, force=force)
+    _apply_cap(result, desired, settings)  # after the guard: withheld deletes free no room
     return result
 
 
@@ -1725,6 +1850,7 @@ class Report:
         return {
             "version": __version__, "started": format_time(self.started), "finished": format_time(self.finished),
             "duration_seconds": round(self.finished - self.started, 3), "exit_code": self.exit_code,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "dry_run": self.dry_run, "full_sync": self.full_sync,
             "counts": {"events": self.events, "attributes": self.attributes, "candidates": self.candidates,
                        "duplicates": self.duplicates, "created": self.created, "updated": self.updated,
@@ -2025,8 +2151,7 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             print(format_plan(the_plan))
             return
         log.info("%s", format_plan(the_plan))
-        if client is None:
-            raise ConfigError("Defender credentials are missing (graph_auth)")
+        assert client is not None, "validation requires Defender credentials unless dry_run"
         apply_plan(the_plan, client, settings, report)
     finally:
         if json_log:
@@ -2076,6 +2201,7 @@ def token_roles(token: str) -> list[str]:
 def run_check(config_path: str) -> int:
     """--check: prove the setup works, step by step, without writing anything anywhere."""
     rows: list[tuple[bool, str, str]] = []
+    logging.getLogger("pymisp").setLevel(logging.CRITICAL)  # the checklist says it better
 
     def row(ok: bool, text: str, fix: str = "") -> bool:
         rows.append((ok, text, fix))
@@ -2140,7 +2266,7 @@ def main(argv: list[str] | None = None) -> int:
     settings: Settings | None = None
     try:
         raw = load_config_module(args.config)
-        settings = build_settings(raw, config_path=args.config)
+        settings = build_settings(raw, config_path=args.config, dry_run=args.dry_run)
         handlers = setup_logging(settings, args.verbose)
         warn_if_config_exposes_secrets(args.config, raw)
         if args.dry_run or settings.dry_run:

@@ -274,3 +274,30 @@ def test_object_attributes_are_flattened_only_when_configured() -> None:
              "Object": [{"name": "file", "Attribute": [attribute("md5", "d41d8cd98f00b204e9800998ecf8427e")]}]}
     assert len(m2d.collect([event], make_settings(), NOW).candidates) == 2
     assert len(m2d.collect([event], make_settings(misp_flatten_attributes=False), NOW).candidates) == 1
+
+
+def test_the_fast_ipv4_table_agrees_with_ipaddress() -> None:
+    import ipaddress
+    import random
+
+    def reference(number: int) -> bool:
+        address = ipaddress.IPv4Address(number)
+        return address.is_global and not address.is_multicast
+
+    edges = {0, 2**32 - 1}
+    for start, end in m2d._NOT_GLOBAL_V4:
+        edges |= {start - 1, start, start + 1, end - 1, end, end + 1}
+    samples = [n for n in edges if 0 <= n < 2**32] + [random.Random(7).getrandbits(32) for _ in range(50_000)]
+    disagreements = [str(ipaddress.IPv4Address(n)) for n in samples if m2d.ipv4_is_public(n) != reference(n)]
+    assert disagreements == []
+
+
+@pytest.mark.parametrize("wanted, expected", [
+    ("AlertAndBlock", ("Block", True)), ("Alert", ("Audit", True)), ("Audit", ("Audit", True)),
+    ("Block", ("Block", False)), ("Warn", ("Warn", False)),
+])
+def test_legacy_alert_actions_keep_their_alert_even_when_alerts_are_off(wanted: str, expected: tuple) -> None:
+    settings = make_settings(defender_action=wanted, defender_generate_alert=False)
+    [result] = m2d.map_attribute(attribute("domain", "bad.site"), EVENT, settings, NOW)
+    item = m2d.indicator_json(result.candidate, settings)
+    assert (item["action"], item["generateAlert"]) == expected

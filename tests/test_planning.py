@@ -16,7 +16,7 @@ def candidate(value: str, *, type_: str = "DomainName", action: str = "Audit", s
               stamp: float = NOW) -> m2d.Candidate:
     return m2d.Candidate(type_, value, action, severity,
                          None if expires_in_days is None else NOW + expires_in_days * DAY, lifetime, title,
-                         "1", "uuid-1", "domain", "Network activity", "", stamp)
+                         "1", "uuid-1", "domain", "Network activity", "", stamp, True)
 
 
 def existing(id_: str, value: str, *, type_: str = "DomainName", action: str = "Audit", severity: str = "Medium",
@@ -160,7 +160,7 @@ def test_desired_keeps_only_held_keys_and_the_best_others_in_full() -> None:
     for c in (candidate("held.top", severity="Low"), candidate("low.top", severity="Low"),
               candidate("high.top", severity="High"), candidate("medium.top"), candidate("LOW2.top", severity="Low"),
               candidate("low.top", severity="High")):  # a stronger duplicate of an evicted key comes back
-        bounded.add(m2d.Outcome("candidate", candidate=c))
+        bounded.add(c)
     bounded.finish()
     assert sorted(k[1] for k in bounded.candidates) == ["held.top", "high.top", "low.top"]
     assert (bounded.distinct, bounded.duplicates, bounded.evicted) == (5, 1, 2)
@@ -169,3 +169,23 @@ def test_desired_keeps_only_held_keys_and_the_best_others_in_full() -> None:
     assert values(result.creates) == ["high.top", "low.top"]
     assert result.left_out_count == 2
     assert values(result.left_out) == ["LOW2.top", "medium.top"]
+
+
+@pytest.mark.parametrize("held, config, reason", [
+    (dict(generate_alert=True), {"defender_generate_alert": False, "defender_action": "Block"},
+     "generateAlert → False"),
+    (dict(recommended_actions="Block"), {"defender_recommended_actions": "Isolate the host"},
+     "recommended actions changed"),
+    (dict(rbac_groups=()), {"defender_rbac_group_names": ["Servers"]}, "device groups changed"),
+    (dict(rbac_groups=("Servers",), recommended_actions="Block", generate_alert=False),
+     {"defender_rbac_group_names": ["Servers"], "defender_generate_alert": False, "defender_action": "Block"}, ""),
+])
+def test_config_changes_that_apply_to_every_indicator_reach_existing_ones(held: dict, config: dict,
+                                                                           reason: str) -> None:
+    settings = make_settings(**config)
+    wanted = candidate("a.top", action="Block")
+    wanted.generate_alert = settings.generate_alert
+    base = existing("1", "a.top", action="Block")
+    result = m2d.plan(desired(wanted), [m2d.Existing(**{**{f: getattr(base, f) for f in base.__slots__}, **held})],
+                      settings, read_complete=True, full_sync=False, now=NOW)
+    assert [c.reason for c in result.updates] == ([reason] if reason else [])

@@ -12,8 +12,14 @@ from tests.util import BASE_CONFIG, ROOT, m2d, make_settings
 
 def test_config_py_default_loads_with_every_documented_default() -> None:
     raw = m2d.load_config_module(ROOT / "config.py.default")
-    assert set(raw) == set(m2d.DEFAULTS)
+    # The two names defender_cloud sets are shown commented out, so that the preset can apply.
+    assert set(raw) == set(m2d.DEFAULTS) - {"targetScope", "defender_api_url"}
+    text = (ROOT / "config.py.default").read_text()
+    assert "# targetScope = 'https://api.securitycenter.windows.com/.default'" in text
+    assert '# defender_api_url = "https://api.securitycenter.microsoft.com"' in text
     for name, value in m2d.DEFAULTS.items():
+        if name not in raw:
+            continue
         if name == "graph_auth":
             assert {k: raw[name][k] for k in ("tenant", "client_id", "client_secret")} == value
         else:
@@ -96,6 +102,21 @@ def test_secrets_may_come_from_the_environment() -> None:
 def test_cloud_presets(cloud: str, api: str, authority: str, scope: str) -> None:
     s = make_settings(defender_cloud=cloud)
     assert (s.api_url, s.authority, s.target_scope) == (api, authority, scope)
+
+
+def test_config_py_default_with_a_gov_cloud_gets_the_gov_hosts() -> None:
+    raw = {**m2d.load_config_module(ROOT / "config.py.default"), **BASE_CONFIG, "defender_cloud": "gcc-high"}
+    s = m2d.build_settings(raw, environ={})
+    assert (s.api_url, s.authority, s.target_scope) == (
+        "https://api-gov.securitycenter.microsoft.us", "https://login.microsoftonline.us",
+        "https://api-gov.securitycenter.microsoft.us/.default")
+
+
+def test_dry_run_from_the_command_line_needs_no_credentials() -> None:
+    raw = {**BASE_CONFIG, "graph_auth": {"tenant": "", "client_id": "", "client_secret": ""}}
+    with pytest.raises(m2d.ConfigError):
+        m2d.build_settings(raw, environ={})
+    assert not m2d.build_settings(raw, environ={}, dry_run=True).has_defender_credentials
 
 
 def test_explicit_urls_win_over_the_cloud_preset() -> None:
