@@ -27,16 +27,20 @@ from __future__ import annotations
 import argparse
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime as dt
 import email.utils
 import fcntl
 import functools
+import hashlib
 import heapq
 import ipaddress
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -52,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 __version__ = "1.0.0"
 
@@ -485,6 +489,13 @@ class MispReadStatus:
     events: int = 0
     pages: int = 0
     error: str = ""
+    last_page_full: bool = False
+
+    def absorb(self, other: MispReadStatus) -> None:
+        self.complete = self.complete and other.complete
+        self.events += other.events
+        self.pages += other.pages
+        self.error = self.error or other.error
 
 
 NO_TAGS: frozenset[str] = frozenset()
@@ -543,19 +554,20 @@ def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
 class MispSource:
     """Reads MISP through PyMISP, page by page, with bounded retries per page."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, helper: bool = False):
         self.settings = settings
-        self.misp = self._connect()
+        self.misp = self._connect(helper)
 
-    def _connect(self) -> Any:
+    def _connect(self, helper: bool) -> Any:
         import pymisp
         import urllib3
 
         s = self.settings
         if s.misp_verifycert is False and s.misp_url.startswith("https://"):
-            # One warning per run instead of one per request.
+            # One warning per run (not per request, nor again from a helper reader).
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
-            log.warning("misp_verifycert is False: the MISP server certificate is not verified")
+            if not helper:
+                log.warning("misp_verifycert is False: the MISP server certificate is not verified")
         for attempt in range(s.max_retries + 1):
             try:
                 return pymisp.PyMISP(s.misp_url, s.misp_key, ssl=s.misp_verifycert, timeout=s.request_timeout,
@@ -595,18 +607,21 @@ class MispSource:
                 time.sleep(_backoff(attempt))
         raise UnreachableError(redact(last, self.settings.secrets))
 
-    def events(self, full_sync: bool, status: MispReadStatus,
-               extra: Mapping[str, Any] | None = None) -> Iterator[dict]:
+    def events(self, full_sync: bool, status: MispReadStatus, extra: Mapping[str, Any] | None = None, *,
+               next_page: Callable[[], int] | None = None, max_pages: int | None = None) -> Iterator[dict]:
         """Yield the selected events page by page; record in ``status`` whether the read completed.
 
-        Soft-deleted attributes are requested too (``deleted: [0, 1]``) so that a retraction
-        inside the time window can be seen and acted on.
+        Pages 1, 2, 3, ... until a short page; or, when readers share the pages, whichever page
+        ``next_page()`` hands out next. Soft-deleted attributes are requested too (``deleted:
+        [0, 1]``) so that a retraction inside the time window can be seen and acted on.
         """
         filters = {**selection_filters(self.settings.misp_event_filters, full_sync), **(extra or {})}
         filters.setdefault("deleted", [0, 1])
         single_page = "limit" in filters
-        page = 1
-        while True:
+        pages = itertools.count(1)
+        next_page = next_page or pages.__next__
+        while max_pages is None or max_pages > 0:
+            page = next_page()
             query = dict(filters) if single_page else {**filters, "limit": self.settings.misp_page_size,
                                                         "page": page}
             try:
@@ -623,9 +638,10 @@ class MispSource:
                 if isinstance(event, dict):
                     status.events += 1
                     yield event
-            if single_page or len(events) < self.settings.misp_page_size:
+            status.last_page_full = not single_page and len(events) >= self.settings.misp_page_size
+            if not status.last_page_full:
                 return
-            page += 1
+            max_pages = None if max_pages is None else max_pages - 1
 
     def attributes_with_values(self, values: list[str]) -> list[tuple[dict, EventContext]]:
         """Attributes the filters still select (no time window, to_ids on) carrying one of ``values``."""
@@ -688,6 +704,8 @@ _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"(?:{_LABEL}\.)+{_LABEL}")
 _HEX = re.compile(r"[0-9a-f]+")
 _SPACE = re.compile(r"\s")
+_URL = re.compile(r"(?:([A-Za-z][A-Za-z0-9+.-]*)://)?([^/?#]*)(.*)", re.DOTALL)
+_IPV4 = re.compile(r"(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})")
 
 
 class Rejected(ValueError):
@@ -783,10 +801,10 @@ def ipv4_is_public(number: int) -> bool:
 
 def normalise_ip(value: str) -> str:
     cleaned = refang(value.strip())
-    octets = cleaned.split(".")
-    if len(octets) == 4 and all(o.isdigit() and len(o) <= 3 and (o == "0" or o[0] != "0") for o in octets):
-        a, b, c, d = map(int, octets)
-        if a < 256 and b < 256 and c < 256 and d < 256:  # the common case, without ipaddress objects
+    match = _IPV4.fullmatch(cleaned)
+    if match:  # the common case, without ipaddress objects
+        a, b, c, d = map(int, match.groups())
+        if a < 256 and b < 256 and c < 256 and d < 256:
             if not ipv4_is_public((a << 24) | (b << 16) | (c << 8) | d):
                 raise Rejected("private or reserved IP address (Defender takes external IPs only)")
             return cleaned
@@ -829,24 +847,32 @@ def normalise_domain(value: str) -> str:
 
 
 def normalise_url(value: str) -> str:
+    """Scheme and host lowercased (IDN → punycode), host checked; path and query kept as they are.
+
+    Credentials in the URL (user:pass@) are dropped: they are not part of what Defender matches.
+    Scheme-less MISP urls are sent as MISP holds them (host normalised): Defender's docs do not say
+    whether it adds a scheme, and adding http:// could miss https traffic.
+    """
     cleaned = refang(value.strip())
     if not cleaned or _SPACE.search(cleaned):
         raise Rejected("not a valid URL (empty or contains spaces)")
-    has_scheme = "://" in cleaned
-    parts = urlsplit(cleaned if has_scheme else f"http://{cleaned}")
-    if parts.scheme.lower() not in ("http", "https", "ftp"):
-        raise Rejected(f"unsupported URL scheme {parts.scheme!r}")
-    host = parts.hostname or ""
-    if _is_ip_literal(host):
-        normalise_ip(host)  # rejects private and reserved addresses
-        netloc = parts.netloc.lower()
+    scheme, netloc, rest = _URL.match(cleaned).groups()  # type: ignore[union-attr]  # the regex always matches
+    if scheme is not None:
+        scheme = scheme.lower()
+        if scheme not in ("http", "https", "ftp"):
+            raise Rejected(f"unsupported URL scheme {scheme!r}")
+    hostport = netloc.rpartition("@")[2]
+    if hostport.startswith("["):
+        host, _, port = hostport[1:].partition("]")
+        port = port[1:] if port.startswith(":") else port
+        host_text = f"[{normalise_ip(host)}]"
     else:
-        netloc = normalise_domain(host) + (f":{parts.port}" if _safe_port(parts) else "")
-    if not has_scheme:
-        # Scheme-less MISP urls are sent as MISP holds them (host normalised): Defender's docs do
-        # not say whether it adds a scheme, and adding one could miss https traffic.
-        return netloc + urlunsplit(("", "", parts.path, parts.query, parts.fragment))
-    return urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, parts.fragment))
+        host, _, port = hostport.partition(":")
+        host_text = normalise_ip(host) if _is_ip_literal(host) else normalise_domain(host)
+    if port and not (port.isdigit() and int(port) < 65536):
+        raise Rejected("not a valid URL (bad port)")
+    netloc = f"{host_text}:{port}" if port else host_text
+    return f"{scheme}://{netloc}{rest}" if scheme is not None else f"{netloc}{rest}"
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -857,13 +883,6 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _safe_port(parts: Any) -> int | None:
-    try:
-        return parts.port
-    except ValueError:
-        raise Rejected("not a valid URL (bad port)") from None
 
 
 NORMALISERS: dict[str, Callable[[str], str]] = {
@@ -996,79 +1015,96 @@ def _retraction_reason(attribute: dict) -> str | None:
 
 
 def map_attribute(attribute: Any, event: EventContext, settings: Settings, now: float) -> list[Outcome | Candidate]:
-    """Attribute → outcomes. Pure: no I/O, no globals but the tables above. (The sync's hot path.)"""
-    if not isinstance(attribute, dict):
-        return _skip("attribute is not an object")
-    misp_type = attribute.get("type")
-    parts = TYPE_PARTS.get(misp_type) if isinstance(misp_type, str) else None
-    if parts is None:
-        return _skip(f"type {misp_type} has no Defender indicator type" if isinstance(misp_type, str)
-                     else "attribute has no type")
-    raw_value = attribute.get("value")
-    if not isinstance(raw_value, str) or not raw_value.strip():
-        return [_rejected("empty or missing value", attribute, event)]
-    if misp_type in COMPOSITE_TYPES and raw_value.count("|") != 1:
-        return [_rejected(f"composite {misp_type} value must hold exactly one '|'", attribute, event)]
-    deleted, to_ids = attribute.get("deleted"), attribute.get("to_ids")
-    if to_ids is True and not deleted:
-        retracted = ""  # the common case first
-    else:
-        retracted = _retraction_reason(attribute)
-        if retracted is None:
-            return _skip("to_ids is not set")
+    """Attribute → outcomes. Pure: no I/O, no globals but the tables above."""
+    return event_mapper(event, settings, now)(attribute)
 
-    keys: list[tuple[str, str | Rejected]] = []
-    for indicator_type, part in parts:
-        value = raw_value if part is None else raw_value.split("|", 1)[part]
-        try:
-            keys.append((indicator_type, NORMALISERS[indicator_type](value)))
-        except Rejected as exc:
-            if len(parts) == 1:
-                return [_rejected(str(exc), attribute, event)]
-            keys.append((indicator_type, exc))  # domain|ip: one bad half does not spoil the other
 
-    attribute_tags = tag_names(attribute)
-    not_vetted = bool(event.tags & settings.vetted_event_tags) and not (attribute_tags & settings.vetted_attribute_tags)
-    if attribute_tags:
-        severity = _tag_override(attribute_tags, THREAT_LEVEL_SEVERITY) or event.severity or settings.severity
-        wanted_action = _course_of_action(attribute_tags) or event.action or settings.action
-        tlp_clear = event.tlp_clear or bool(attribute_tags & TLP_CLEAR_TAGS)
-    else:
-        severity, wanted_action, tlp_clear = (event.severity or settings.severity, event.action or settings.action,
-                                              event.tlp_clear)
-    outcomes: list[Outcome | Candidate] = []
+def event_mapper(event: EventContext, settings: Settings,
+                 now: float) -> Callable[[Any], list[Outcome | Candidate]]:
+    """map_attribute for every attribute of one event, with the per-event facts worked out once.
+
+    This is the sync's hot path (a large MISP has millions of attributes): the closure keeps what
+    every attribute of the event shares in local variables.
+    """
+    vetted_event = bool(event.tags & settings.vetted_event_tags)
+    vetted_tags = settings.vetted_attribute_tags
+    event_severity = event.severity or settings.severity
+    event_action = event.action or settings.action
+    lifetimes = settings.lifetimes
     fixed_expiry = settings.ignore_last_seen and settings.expire_from_current_date
-    for indicator_type, value in keys:
-        if isinstance(value, Rejected):
-            outcomes.append(_rejected(str(value), attribute, event))
-            continue
-        if retracted:
-            outcomes.append(Outcome("retraction", retracted, key=(indicator_type, value)))
-            continue
-        if not_vetted:
-            outcomes.append(Outcome("skipped", "event needs vetted attributes; attribute not vetted",
-                                    key=(indicator_type, value)))
-            continue
-        action = cached_action_for(indicator_type, wanted_action)
-        if isinstance(action, str):
-            outcomes.append(_rejected(action, attribute, event))
-            continue
-        if fixed_expiry:
-            days = settings.lifetimes[indicator_type, tlp_clear]
-            expiration: float | None = min(now + days * 86400.0, MAX_EPOCH)
+    default_alert = settings.generate_alert
+    title, event_id, event_uuid, event_timestamp = event.title, event.id, event.uuid, event.timestamp
+
+    def map_one(attribute: Any) -> list[Outcome | Candidate]:
+        if not isinstance(attribute, dict):
+            return _skip("attribute is not an object")
+        misp_type = attribute.get("type")
+        parts = TYPE_PARTS.get(misp_type) if isinstance(misp_type, str) else None
+        if parts is None:
+            return _skip(f"type {misp_type} has no Defender indicator type" if isinstance(misp_type, str)
+                         else "attribute has no type")
+        raw_value = attribute.get("value")
+        if not isinstance(raw_value, str) or not raw_value.strip():
+            return [_rejected("empty or missing value", attribute, event)]
+        if misp_type in COMPOSITE_TYPES and raw_value.count("|") != 1:
+            return [_rejected(f"composite {misp_type} value must hold exactly one '|'", attribute, event)]
+        if attribute.get("to_ids") is True and not attribute.get("deleted"):
+            retracted = ""  # the common case first
         else:
-            expiration, days = expiration_for(settings, indicator_type, tlp_clear, attribute, now)
-        if expiration is not None and expiration <= now:
-            outcomes.append(Outcome("skipped", "already expired", key=(indicator_type, value)))
-            continue
-        comment = attribute.get("comment")
-        category = attribute.get("category")
-        outcomes.append(Candidate(
-            indicator_type, value, action[0], severity, expiration, days, event.title, event.id, event.uuid,
-            misp_type, category if isinstance(category, str) else "",
-            comment[:500] if isinstance(comment, str) and comment else "",
-            _epoch(attribute.get("timestamp"), event.timestamp), action[1] or settings.generate_alert))
-    return outcomes
+            retracted = _retraction_reason(attribute)
+            if retracted is None:
+                return _skip("to_ids is not set")
+
+        keys: list[tuple[str, str | Rejected]] = []
+        for indicator_type, part in parts:
+            value = raw_value if part is None else raw_value.split("|", 1)[part]
+            try:
+                keys.append((indicator_type, NORMALISERS[indicator_type](value)))
+            except Rejected as exc:
+                if len(parts) == 1:
+                    return [_rejected(str(exc), attribute, event)]
+                keys.append((indicator_type, exc))  # domain|ip: one bad half does not spoil the other
+
+        attribute_tags = tag_names(attribute) if attribute.get("Tag") else NO_TAGS
+        if attribute_tags:
+            severity = _tag_override(attribute_tags, THREAT_LEVEL_SEVERITY) or event_severity
+            wanted_action = _course_of_action(attribute_tags) or event_action
+            tlp_clear = event.tlp_clear or bool(attribute_tags & TLP_CLEAR_TAGS)
+        else:
+            severity, wanted_action, tlp_clear = event_severity, event_action, event.tlp_clear
+        not_vetted = vetted_event and not (attribute_tags & vetted_tags)
+        outcomes: list[Outcome | Candidate] = []
+        for indicator_type, value in keys:
+            if isinstance(value, Rejected):
+                outcomes.append(_rejected(str(value), attribute, event))
+            elif retracted:
+                outcomes.append(Outcome("retraction", retracted, key=(indicator_type, value)))
+            elif not_vetted:
+                outcomes.append(Outcome("skipped", "event needs vetted attributes; attribute not vetted",
+                                        key=(indicator_type, value)))
+            else:
+                action = cached_action_for(indicator_type, wanted_action)
+                if isinstance(action, str):
+                    outcomes.append(_rejected(action, attribute, event))
+                    continue
+                if fixed_expiry:
+                    days = lifetimes[indicator_type, tlp_clear]
+                    expiration: float | None = min(now + days * 86400.0, MAX_EPOCH)
+                else:
+                    expiration, days = expiration_for(settings, indicator_type, tlp_clear, attribute, now)
+                if expiration is not None and expiration <= now:
+                    outcomes.append(Outcome("skipped", "already expired", key=(indicator_type, value)))
+                    continue
+                comment = attribute.get("comment")
+                category = attribute.get("category")
+                outcomes.append(Candidate(
+                    indicator_type, value, action[0], severity, expiration, days, title, event_id, event_uuid,
+                    misp_type, category if isinstance(category, str) else "",
+                    comment[:500] if isinstance(comment, str) and comment else "",
+                    _epoch(attribute.get("timestamp"), event_timestamp), action[1] or default_alert))
+        return outcomes
+
+    return map_one
 
 
 def stronger(a: Candidate, b: Candidate) -> Candidate:
@@ -1134,23 +1170,21 @@ class Desired:
     interesting: frozenset | None = None
     room: int | None = None
     distinct: int = 0
+    evicted: int = 0  # distinct candidates dropped for lack of room (the tenant cap); set by finish()
     evicted_sample: list[Candidate] = field(default_factory=list)
     _others: int = 0  # resident candidates outside ``interesting``
-    _distinct_others: int = 0
+    _pushes: int = 0  # heap tie-breaker
     _heap: list = field(default_factory=list, repr=False)
-    _seen: set[int] = field(default_factory=set, repr=False)
-
-    @property
-    def evicted(self) -> int:
-        """Distinct candidates dropped for lack of room before planning (the tenant cap)."""
-        return self._distinct_others - self._others
-
-    def _keeps_all(self, key: tuple[str, str]) -> bool:
-        return self.interesting is None or self.room is None or key in self.interesting
+    _seen: set[int] = field(default_factory=set, repr=False)  # fingerprints of every candidate key
 
     def add(self, outcome: Outcome | Candidate) -> None:
         if type(outcome) is Candidate:
-            self._add_candidate(outcome)
+            fingerprint = key_fingerprint(outcome.indicator_type, outcome.value)
+            if fingerprint in self._seen:
+                self.duplicates += 1
+            else:
+                self._seen.add(fingerprint)
+            self._place(outcome)
         elif outcome.kind == "retraction":
             if self.interesting is None or outcome.key in self.interesting:
                 self.retractions.setdefault(outcome.key, outcome.reason)
@@ -1161,63 +1195,98 @@ class Desired:
         else:
             self.skipped[outcome.reason] += 1
 
-    def _add_candidate(self, candidate: Candidate) -> None:
-        key = candidate.key
+    def _place(self, candidate: Candidate) -> None:
+        """Keep the candidate if its key is held by Defender or it is among the ``room`` best."""
+        key = (candidate.indicator_type, candidate.value)
         present = self.candidates.get(key)
+        keeps_all = self.interesting is None or self.room is None or key in self.interesting
         if present is not None:
-            self.duplicates += 1
             best = stronger(present, candidate)
             if best is not present:
                 self.candidates[key] = best
-                if not self._keeps_all(key):
-                    heapq.heappush(self._heap, (cap_priority(best), key))
+                if not keeps_all:
+                    self._push(cap_priority(best), best)
             return
-        fingerprint = hash(key)
-        if fingerprint in self._seen:
-            self.duplicates += 1  # seen before, and dropped for lack of room
-        else:
-            self._seen.add(fingerprint)
-            self.distinct += 1
-            if not self._keeps_all(key):
-                self._distinct_others += 1
+        if keeps_all:
+            self.candidates[key] = candidate
+            return
+        priority = cap_priority(candidate)
+        if self._others >= self.room and self._heap and priority <= self._heap[0][0]:
+            self._evict(candidate)  # weaker than everything kept: never enters
+            return
         self.candidates[key] = candidate
-        if self._keeps_all(key):
-            return
         self._others += 1
-        heapq.heappush(self._heap, (cap_priority(candidate), key))
+        self._push(priority, candidate)
         while self._others > self.room:
-            priority, weakest = heapq.heappop(self._heap)
-            resident = self.candidates.get(weakest)
-            if resident is None or cap_priority(resident) != priority:
-                continue  # a stale heap entry
-            del self.candidates[weakest]
+            weakest = heapq.heappop(self._heap)[2]
+            weakest_key = (weakest.indicator_type, weakest.value)
+            if self.candidates.get(weakest_key) is not weakest:
+                continue  # a stale entry: that key holds a stronger candidate now, or none
+            del self.candidates[weakest_key]
             self._others -= 1
-            if len(self.evicted_sample) < 1000:
-                self.evicted_sample.append(resident)
+            self._evict(weakest)
+
+    def _push(self, priority: tuple, candidate: Candidate) -> None:
+        self._pushes += 1
+        heapq.heappush(self._heap, (priority, self._pushes, candidate))
+
+    def _evict(self, candidate: Candidate) -> None:
+        if len(self.evicted_sample) < 1000:
+            self.evicted_sample.append(candidate)
+
+    def absorb(self, part: Desired) -> None:
+        """Fold in what another reader (a worker process) collected from other MISP pages."""
+        self.attributes += part.attributes
+        self.duplicates += part.duplicates + len(self._seen & part._seen)
+        self._seen |= part._seen
+        self.rejected.update(part.rejected)
+        self.skipped.update(part.skipped)
+        self.rejected_items.extend(part.rejected_items[:max(0, 1000 - len(self.rejected_items))])
+        for key, reason in part.retractions.items():
+            self.retractions.setdefault(key, reason)
+        for candidate in part.candidates.values():
+            self._place(candidate)
+        for candidate in part.evicted_sample:
+            self._evict(candidate)
 
     def finish(self) -> None:
-        """A value that one attribute retracts but another still carries is not retracted."""
+        """Settle the counts; a value one attribute retracts but another still carries is kept."""
         for key in list(self.retractions):
             if key in self.candidates:
                 del self.retractions[key]
+        self.distinct = len(self._seen)
+        held = (len(self.candidates) if self.interesting is None
+                else sum(1 for key in self.candidates if key in self.interesting))
+        self.evicted = self.distinct - held - self._others
         self._seen = set()
         self._heap = []
         self.evicted_sample = [c for c in self.evicted_sample if c.key not in self.candidates]
 
 
+def key_fingerprint(indicator_type: str, value: str) -> int:
+    """A 64-bit digest of a key, the same in every process (unlike hash(), which is salted)."""
+    digest = hashlib.blake2b(f"{indicator_type}\0{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def collect(events: Iterable[dict], settings: Settings, now: float,
-            on_event: Callable[[EventContext], None] | None = None, desired: Desired | None = None) -> Desired:
+            on_event: Callable[[EventContext], None] | None = None, desired: Desired | None = None,
+            finish: bool = True) -> Desired:
+    """Map every attribute of ``events`` into ``desired`` (finished unless told otherwise)."""
     desired = Desired() if desired is None else desired
     flatten = settings.misp_flatten_attributes
     for event in events:
         context = event_context(event)
         if on_event:
             on_event(context)
+        map_one = event_mapper(context, settings, now)
+        add = desired.add
         for attribute in event_attributes(event, flatten):
             desired.attributes += 1
-            for outcome in map_attribute(attribute, context, settings, now):
-                desired.add(outcome)
-    desired.finish()
+            for outcome in map_one(attribute):
+                add(outcome)
+    if finish:
+        desired.finish()
     return desired
 
 
@@ -1814,6 +1883,17 @@ class Report:
     api: dict[str, EndpointStats] = field(default_factory=dict)
     fatal_code: int = EXIT_CANNOT_PROCEED
     otx_errors: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one stage of the run (the report and the log show where a slow run spent it)."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.monotonic() - started, 3)
+            log.info("%s took %.2f s", name.replace("_", " "), self.phases[name])
 
     @property
     def exit_code(self) -> int:
@@ -1850,7 +1930,7 @@ class Report:
         return {
             "version": __version__, "started": format_time(self.started), "finished": format_time(self.finished),
             "duration_seconds": round(self.finished - self.started, 3), "exit_code": self.exit_code,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
             "dry_run": self.dry_run, "full_sync": self.full_sync,
             "counts": {"events": self.events, "attributes": self.attributes, "candidates": self.candidates,
                        "duplicates": self.duplicates, "created": self.created, "updated": self.updated,
@@ -1860,9 +1940,20 @@ class Report:
             "deleted_by_reason": dict(self.deleted_by_reason),
             "failed": self.failed, "rejected_items": self.rejected_items, "left_out_items": self.left_out_items,
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
-            "otx_errors": self.otx_errors,
+            "otx_errors": self.otx_errors, "phase_seconds": self.phases,
             "api": {name: dataclasses.asdict(s) for name, s in self.api.items()},
         }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM first: ru_maxrss also counts what a forking parent held."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def chunks(items: list, size: int) -> Iterator[list]:
@@ -2081,6 +2172,85 @@ def time_scale_from_environment() -> float:
         return 1.0
 
 
+def read_selection(misp: MispSource, settings: Settings, full_sync: bool, desired: Desired,
+                   status: MispReadStatus, now: float) -> None:
+    """Read and map every selected MISP event into ``desired``.
+
+    Mapping is CPU-bound and a large MISP holds millions of attributes, so when the first page
+    comes back full and the machine has a second core, a helper process shares the remaining
+    pages with this one (each takes the next unread page, so neither waits for the other), with
+    its own PyMISP connection and a bounded ``Desired`` that is folded in at the end. Small
+    reads never start a process.
+    """
+    on_event = (lambda e: log.info("MISP event %s: %s", e.id, e.info)) if settings.write_parsed_eventid else None
+    collect(misp.events(full_sync, status, max_pages=1), settings, now, on_event, desired, finish=False)
+    if status.complete and status.last_page_full:
+        # fork is quick and shares what this process holds; a process with other threads (tests,
+        # embedding callers) must not fork, so it starts a fresh interpreter instead.
+        context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+        counter = context.Value("i", 2)
+        helper = (_start_helper_reader(context, counter, settings, full_sync, desired, now)
+                  if (os.cpu_count() or 1) > 1 else None)
+        collect(misp.events(full_sync, status, next_page=functools.partial(_claim_page, counter)),
+                settings, now, on_event, desired, finish=False)
+        if helper is not None:
+            _join_helper_reader(helper, desired, status)
+        if not status.complete:
+            log.error("%s; nothing will be deleted in this run", status.error)
+    desired.finish()
+
+
+def _claim_page(counter: Any) -> int:
+    with counter.get_lock():
+        page = counter.value
+        counter.value += 1
+    return page
+
+
+def _start_helper_reader(context: Any, counter: Any, settings: Settings, full_sync: bool, desired: Desired,
+                         now: float) -> tuple[Any, Any]:
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_helper_reader, daemon=True,
+                              args=(sender, counter, settings, full_sync, desired.interesting, desired.room, now))
+    process.start()
+    sender.close()
+    return process, receiver
+
+
+def _join_helper_reader(helper: tuple[Any, Any], desired: Desired, status: MispReadStatus) -> None:
+    process, receiver = helper
+    try:
+        part, part_status, events = receiver.recv()
+    except (EOFError, OSError) as exc:  # the helper died: the read is incomplete
+        status.complete = False
+        status.error = status.error or f"MISP helper reader failed: {type(exc).__name__}"
+    else:
+        desired.absorb(part)
+        status.absorb(part_status)
+        for event_id, info in events:
+            log.info("MISP event %s: %s", event_id, info)
+    finally:
+        receiver.close()
+        process.join()
+
+
+def _helper_reader(sender: Any, counter: Any, settings: Settings, full_sync: bool, interesting: frozenset | None,
+                   room: int | None, now: float) -> None:
+    """The helper process: read and map the pages it claims; send back the bounded result."""
+    setup_logging(settings, 0)
+    status, events = MispReadStatus(), []
+    on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
+    desired = Desired(interesting=interesting, room=room)
+    try:
+        pages = MispSource(settings, helper=True).events(full_sync, status,
+                                                         next_page=functools.partial(_claim_page, counter))
+        collect(pages, settings, now, on_event, desired, finish=False)
+    except Misp2DefenderError as exc:
+        status.complete, status.error = False, str(exc)
+    sender.send((desired, status, events))
+    sender.close()
+
+
 def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
     """One sync: read MISP, list Defender, plan, apply (unless dry run)."""
     dry_run = args.dry_run or settings.dry_run
@@ -2097,9 +2267,10 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
         # Defender first: its listing (≤ 15,000) says which MISP keys need full records.
         existing: list[Existing] = []
         if client is not None and settings.check_existing:
-            now = time.time()
-            existing = [e for e in (existing_from_api(i, settings.client_id, settings.application, now)
-                                    for i in client.list_indicators()) if e is not None]
+            with report.phase("defender_list"):
+                now = time.time()
+                existing = [e for e in (existing_from_api(i, settings.client_id, settings.application, now)
+                                        for i in client.list_indicators()) if e is not None]
         elif not settings.check_existing:
             log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
         foreign = sum(1 for e in existing if not e.owned)
@@ -2107,8 +2278,8 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
                           room=max(settings.max_indicators - foreign, 0))
 
         status = MispReadStatus()
-        on_event = (lambda e: log.info("MISP event %s: %s", e.id, e.info)) if settings.write_parsed_eventid else None
-        collect(misp.events(args.full_sync, status), settings, time.time(), on_event, desired)
+        with report.phase("misp_read_and_map"):
+            read_selection(misp, settings, args.full_sync, desired, status, time.time())
         report.events, report.attributes = status.events, desired.attributes
         report.candidates, report.duplicates = desired.distinct, desired.duplicates
         report.rejected, report.skipped = desired.rejected, desired.skipped
@@ -2124,8 +2295,9 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
                 status.complete, status.error = False, f"MISP value check failed: {exc}"
         report.misp_error = status.error
 
-        the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
-                        still_selected=still_selected, force=args.force)
+        with report.phase("plan"):
+            the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
+                            still_selected=still_selected, force=args.force)
         if settings.exclude_if_in_alienvault and the_plan.creates:
             otx = OtxClient(settings)
             known = otx.known(c.candidate.key for c in the_plan.creates if not c.replaces)
@@ -2152,7 +2324,8 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             return
         log.info("%s", format_plan(the_plan))
         assert client is not None, "validation requires Defender credentials unless dry_run"
-        apply_plan(the_plan, client, settings, report)
+        with report.phase("apply"):
+            apply_plan(the_plan, client, settings, report)
     finally:
         if json_log:
             json_log.close()

@@ -51,6 +51,9 @@ def only_key(attr: dict, **config: object) -> tuple[str, str]:
     ("url", "hxxp://bad[.]site/path?q=1", ("Url", "http://bad.site/path?q=1")),
     ("url", "HTTPS://Login-Verify.XYZ/Account/Reset", ("Url", "https://login-verify.xyz/Account/Reset")),
     ("url", "cdn-update-check.top/dl/payload.bin", ("Url", "cdn-update-check.top/dl/payload.bin")),
+    ("url", "https://admin:hunter2@Panel.Bad.Site:8443/x#frag", ("Url", "https://panel.bad.site:8443/x#frag")),
+    ("url", "http://[2001:4860:4860::8888]:80/a", ("Url", "http://[2001:4860:4860:0:0:0:0:8888]:80/a")),
+    ("url", "http://185.220.101.4/gate.php", ("Url", "http://185.220.101.4/gate.php")),
     ("x509-fingerprint-sha1", "DA:39:A3:EE:5E:6B:4B:0D:32:55:BF:EF:95:60:18:90:AF:D8:07:09",
      ("CertificateThumbprint", "da39a3ee5e6b4b0d3255bfef95601890afd80709")),
 ])
@@ -84,6 +87,9 @@ def test_type_and_value_normalisation(misp_type: str, value: str, expected: tupl
     ("url", "http://bad site/x", "spaces"),
     ("url", "javascript://alert(1)", "scheme"),
     ("url", "http://10.0.0.8/admin", "private"),
+    ("url", "http://bad.site:99999/", "bad port"),
+    ("url", "http:///path-only", "empty domain"),
+    ("ip-dst", "01.2.3.4", "not a valid IP"),
 ])
 def test_values_defender_would_refuse_are_rejected_with_a_reason(misp_type: str, value: str,
                                                                  reason_part: str) -> None:

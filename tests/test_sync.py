@@ -206,3 +206,24 @@ def test_all_real_events_are_accepted_by_defender(tool: Tool) -> None:
         assert result.code == 0, result.stderr
         assert result.counts["failed"] == 0 and result.counts["created"] > 500
         assert len(tool.held()) == result.counts["created"]
+
+
+def test_large_reads_are_shared_with_a_helper_process_and_give_the_same_result(tool: Tool) -> None:
+    single = tool.run("--dry-run")
+    assert tool.misp.calls("me") and len(tool.misp.calls("me")) == 1
+    shared = tool.run(misp_event_limit_per_page=1)  # five full pages: a helper reader starts
+    assert shared.code == 0, shared.stderr
+    assert len(tool.misp.calls("me")) == 3  # one more connection for this run's helper
+    assert owned_keys(tool) == SAMPLE_KEYS
+    for count in ("events", "attributes", "candidates", "duplicates", "rejected"):
+        assert shared.counts[count] == single.counts[count], count
+    assert shared.report["rejected_by_reason"] == single.report["rejected_by_reason"]
+
+
+def test_a_forked_helper_reader_in_a_plain_process_gives_the_same_result(tool: Tool) -> None:
+    child, report = tool.spawn(misp_event_limit_per_page=2)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert owned_keys(tool) == SAMPLE_KEYS
+    assert json.loads(report.read_text())["counts"]["duplicates"] == 5
+    assert len(tool.misp.calls("me")) == 2

@@ -126,7 +126,7 @@ def plan_benchmark(events: int, seconds: float, mib: float) -> bool:
     ok &= row(label + " peak RSS", f"{report['peak_rss_mib']:.0f} MiB", f"≤ {mib:g} MiB", report["peak_rss_mib"] <= mib)
     counts = report["counts"]
     print(f"    (candidates {counts['candidates']:,}, kept {counts['kept']:,}, left out {counts['left_out']:,}, "
-          f"exit {code})")
+          f"exit {code}; seconds by phase {report['phase_seconds']})")
     return ok
 
 
