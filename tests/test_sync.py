@@ -227,3 +227,16 @@ def test_a_forked_helper_reader_in_a_plain_process_gives_the_same_result(tool: T
     assert owned_keys(tool) == SAMPLE_KEYS
     assert json.loads(report.read_text())["counts"]["duplicates"] == 5
     assert len(tool.misp.calls("me")) == 2
+
+
+def test_api_calls_are_the_minimum_for_a_fixed_scenario(tool: Tool) -> None:
+    for event in distinct_sha256_events(1234 - 36):
+        tool.misp.add_event(event)
+    first = tool.run(max_indicators_per_query=500, quota_requests=30)
+    assert first.code == 0 and first.counts["created"] == 1234
+    assert len(tool.defender.calls("import")) == 3  # ceil(1234 / 500)
+    assert len(tool.defender.calls("list")) == 1  # one page holds everything
+    before = len(writes(tool))
+    idle = tool.run(max_indicators_per_query=500)
+    assert idle.code == 0 and len(writes(tool)) == before  # nothing changed: no write at all
+    assert len(tool.defender.calls("list")) == 2
