@@ -138,3 +138,33 @@ def test_device_groups_are_applied(tool: Tool) -> None:
     items = [item for c in tool.defender.calls("import") for item in c.body["Indicators"]]
     assert len(items) == 36 and all(i["rbacGroupNames"] == ["Servers", "Finance laptops"] for i in items)
     assert all(i["rbacGroupNames"] == ["Servers", "Finance laptops"] for i in tool.defender.active())
+
+
+@pytest.mark.parametrize("how", ["environment", "config"])
+def test_every_call_goes_through_the_proxy(tool: Tool, monkeypatch, how: str) -> None:
+    from tests.standins.proxy import ProxyStandIn
+
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.delenv("no_proxy")
+    with ProxyStandIn() as proxy:
+        if how == "environment":
+            monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            result = tool.run()
+        else:
+            result = tool.run(proxies={"https": proxy.url, "http": proxy.url})
+        assert result.code == 0, result.stderr
+        assert {(t, v) for t, v, _ in tool.held()} == SAMPLE_KEYS
+    entra_host, defender_host = tool.entra.url.split("//")[1], tool.defender.url.split("//")[1]
+    assert f"CONNECT {entra_host}" in proxy.targets and f"CONNECT {defender_host}" in proxy.targets
+    assert f"POST {tool.misp.url}" in proxy.targets  # MISP over plain http: absolute-form requests
+
+
+def test_no_proxy_is_honoured(tool: Tool, monkeypatch) -> None:
+    from tests.standins.proxy import ProxyStandIn
+
+    with ProxyStandIn() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)  # NO_PROXY=127.0.0.1 from the fixture still applies
+        assert tool.run().code == 0
+    assert proxy.targets == []
