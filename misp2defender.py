@@ -25,6 +25,7 @@ Sections, in the order a run uses them:
 from __future__ import annotations
 
 import argparse
+import array
 import bisect
 import concurrent.futures
 import contextlib
@@ -1176,6 +1177,7 @@ class Desired:
     _pushes: int = 0  # heap tie-breaker
     _heap: list = field(default_factory=list, repr=False)
     _seen: set[int] = field(default_factory=set, repr=False)  # fingerprints of every candidate key
+    _distinct_elsewhere: int = 0  # keys only a helper reader saw
 
     def add(self, outcome: Outcome | Candidate) -> None:
         if type(outcome) is Candidate:
@@ -1234,11 +1236,21 @@ class Desired:
         if len(self.evicted_sample) < 1000:
             self.evicted_sample.append(candidate)
 
-    def absorb(self, part: Desired) -> None:
-        """Fold in what another reader (a worker process) collected from other MISP pages."""
+    def take_fingerprints(self) -> set[int]:
+        """Hand over the key fingerprints (a helper sends them compactly, apart from the rest)."""
+        seen, self._seen = self._seen, set()
+        return seen
+
+    def absorb(self, part: Desired, fingerprints: Iterable[int]) -> None:
+        """Fold in what another reader (a helper process) collected from other MISP pages.
+
+        Only the count of its distinct keys is needed, so its fingerprints are not added to ours.
+        """
+        fingerprints = list(fingerprints)
+        overlap = sum(map(self._seen.__contains__, fingerprints))
         self.attributes += part.attributes
-        self.duplicates += part.duplicates + len(self._seen & part._seen)
-        self._seen |= part._seen
+        self.duplicates += part.duplicates + overlap
+        self._distinct_elsewhere += len(fingerprints) - overlap
         self.rejected.update(part.rejected)
         self.skipped.update(part.skipped)
         self.rejected_items.extend(part.rejected_items[:max(0, 1000 - len(self.rejected_items))])
@@ -1254,7 +1266,7 @@ class Desired:
         for key in list(self.retractions):
             if key in self.candidates:
                 del self.retractions[key]
-        self.distinct = len(self._seen)
+        self.distinct = len(self._seen) + self._distinct_elsewhere
         held = (len(self.candidates) if self.interesting is None
                 else sum(1 for key in self.candidates if key in self.interesting))
         self.evicted = self.distinct - held - self._others
@@ -2172,32 +2184,84 @@ def time_scale_from_environment() -> float:
         return 1.0
 
 
-def read_selection(misp: MispSource, settings: Settings, full_sync: bool, desired: Desired,
-                   status: MispReadStatus, now: float) -> None:
-    """Read and map every selected MISP event into ``desired``.
+class SelectionReader:
+    """Reads and maps every selected MISP event into a ``Desired``, in two steps.
 
-    Mapping is CPU-bound and a large MISP holds millions of attributes, so when the first page
-    comes back full and the machine has a second core, a helper process shares the remaining
-    pages with this one (each takes the next unread page, so neither waits for the other), with
-    its own PyMISP connection and a bounded ``Desired`` that is folded in at the end. Small
-    reads never start a process.
+    Mapping is CPU-bound and a large MISP holds millions of attributes. So the first page is read
+    when the reader is made; when it comes back full and the machine has a second core, a helper
+    process starts at once (its PyMISP connection and first page overlap the Defender listing) and
+    then shares the remaining pages with this process: each takes the next unread page, so neither
+    waits for the other. The helper keeps a bounded ``Desired`` of its own, folded in at the end.
+    Small reads never start a process.
     """
-    on_event = (lambda e: log.info("MISP event %s: %s", e.id, e.info)) if settings.write_parsed_eventid else None
-    collect(misp.events(full_sync, status, max_pages=1), settings, now, on_event, desired, finish=False)
-    if status.complete and status.last_page_full:
-        # fork is quick and shares what this process holds; a process with other threads (tests,
-        # embedding callers) must not fork, so it starts a fresh interpreter instead.
-        context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
-        counter = context.Value("i", 2)
-        helper = (_start_helper_reader(context, counter, settings, full_sync, desired, now)
-                  if (os.cpu_count() or 1) > 1 else None)
-        collect(misp.events(full_sync, status, next_page=functools.partial(_claim_page, counter)),
-                settings, now, on_event, desired, finish=False)
-        if helper is not None:
-            _join_helper_reader(helper, desired, status)
-        if not status.complete:
-            log.error("%s; nothing will be deleted in this run", status.error)
-    desired.finish()
+
+    def __init__(self, misp: MispSource, settings: Settings, full_sync: bool, now: float):
+        self.misp, self.settings, self.full_sync, self.now = misp, settings, full_sync, now
+        self.status = MispReadStatus()
+        self.first_page = list(misp.events(full_sync, self.status, max_pages=1))
+        self.helper: tuple[Any, Any, Any] | None = None
+        self.more = self.status.complete and self.status.last_page_full
+        self.next_page: Callable[[], int] = itertools.count(2).__next__
+        if self.more and (os.cpu_count() or 1) > 1:
+            # fork is quick and shares what this process holds; a process with other threads
+            # (tests, embedding callers) must not fork, so it starts a fresh interpreter instead.
+            context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+            counter = context.Value("i", 2)
+            self.next_page = functools.partial(_claim_page, counter)
+            results, results_end = context.Pipe(duplex=False)
+            bounds_end, bounds = context.Pipe(duplex=False)
+            process = context.Process(target=_helper_reader, daemon=True, args=(
+                results_end, bounds_end, counter, settings, full_sync, now))
+            process.start()
+            results_end.close()
+            bounds_end.close()
+            self.helper = (process, results, bounds)
+
+    def read_into(self, desired: Desired) -> MispReadStatus:
+        on_event = ((lambda e: log.info("MISP event %s: %s", e.id, e.info))
+                    if self.settings.write_parsed_eventid else None)
+        if self.helper is not None:
+            self.helper[2].send((desired.interesting, desired.room))
+        collect(self.first_page, self.settings, self.now, on_event, desired, finish=False)
+        self.first_page = []
+        if self.more:
+            collect(self.misp.events(self.full_sync, self.status, next_page=self.next_page),
+                    self.settings, self.now, on_event, desired, finish=False)
+        if self.helper is not None:
+            self._join_helper(desired)
+        if not self.status.complete:
+            log.error("%s; nothing will be deleted in this run", self.status.error)
+        desired.finish()
+        return self.status
+
+    def _join_helper(self, desired: Desired) -> None:
+        process, results, bounds = self.helper  # type: ignore[misc]
+        self.helper = None
+        try:
+            part, fingerprints, part_status, events = results.recv()
+        except (EOFError, OSError) as exc:  # the helper died: the read is incomplete
+            self.status.complete = False
+            self.status.error = self.status.error or f"MISP helper reader failed: {type(exc).__name__}"
+        else:
+            desired.absorb(part, fingerprints)
+            self.status.absorb(part_status)
+            for event_id, info in events:
+                log.info("MISP event %s: %s", event_id, info)
+        finally:
+            results.close()
+            bounds.close()
+            process.join()
+
+    def close(self) -> None:
+        """Stop a helper that will not be needed (the run failed before reading)."""
+        if self.helper is not None:
+            process, results, bounds = self.helper
+            self.helper = None
+            bounds.close()  # the helper's wait for its bounds ends, and so does the helper
+            results.close()
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
 
 
 def _claim_page(counter: Any) -> int:
@@ -2207,48 +2271,27 @@ def _claim_page(counter: Any) -> int:
     return page
 
 
-def _start_helper_reader(context: Any, counter: Any, settings: Settings, full_sync: bool, desired: Desired,
-                         now: float) -> tuple[Any, Any]:
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_helper_reader, daemon=True,
-                              args=(sender, counter, settings, full_sync, desired.interesting, desired.room, now))
-    process.start()
-    sender.close()
-    return process, receiver
-
-
-def _join_helper_reader(helper: tuple[Any, Any], desired: Desired, status: MispReadStatus) -> None:
-    process, receiver = helper
-    try:
-        part, part_status, events = receiver.recv()
-    except (EOFError, OSError) as exc:  # the helper died: the read is incomplete
-        status.complete = False
-        status.error = status.error or f"MISP helper reader failed: {type(exc).__name__}"
-    else:
-        desired.absorb(part)
-        status.absorb(part_status)
-        for event_id, info in events:
-            log.info("MISP event %s: %s", event_id, info)
-    finally:
-        receiver.close()
-        process.join()
-
-
-def _helper_reader(sender: Any, counter: Any, settings: Settings, full_sync: bool, interesting: frozenset | None,
-                   room: int | None, now: float) -> None:
+def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, full_sync: bool, now: float) -> None:
     """The helper process: read and map the pages it claims; send back the bounded result."""
     setup_logging(settings, 0)
     status, events = MispReadStatus(), []
     on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
-    desired = Desired(interesting=interesting, room=room)
     try:
-        pages = MispSource(settings, helper=True).events(full_sync, status,
-                                                         next_page=functools.partial(_claim_page, counter))
-        collect(pages, settings, now, on_event, desired, finish=False)
+        pages = iter(MispSource(settings, helper=True).events(
+            full_sync, status, next_page=functools.partial(_claim_page, counter)))
+        first = next(pages, None)  # connect and fetch a page while the parent lists Defender
+        interesting, room = bounds.recv()
+        desired = Desired(interesting=interesting, room=room)
+        collect(itertools.chain([] if first is None else [first], pages), settings, now, on_event, desired,
+                finish=False)
+    except EOFError:
+        return  # the parent gave up before reading
     except Misp2DefenderError as exc:
         status.complete, status.error = False, str(exc)
-    sender.send((desired, status, events))
-    sender.close()
+        desired = Desired()
+    fingerprints = array.array("Q", desired.take_fingerprints())
+    results.send((desired, fingerprints, status, events))
+    results.close()
 
 
 def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
@@ -2256,6 +2299,7 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
     dry_run = args.dry_run or settings.dry_run
     report.dry_run, report.full_sync = dry_run, args.full_sync
     json_log = JsonLog(settings.log_json_file, settings.secrets) if settings.log_json_file else None
+    reader: SelectionReader | None = None
     try:
         misp = MispSource(settings)
         client = None
@@ -2264,7 +2308,10 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             client.tokens.get()  # a bad secret stops the run before any MISP paging
             report.api = client.stats
 
-        # Defender first: its listing (≤ 15,000) says which MISP keys need full records.
+        # MISP's first page first (a large read starts its helper now), then Defender: its
+        # listing (≤ 15,000) says which MISP keys need full records.
+        with report.phase("misp_first_page"):
+            reader = SelectionReader(misp, settings, args.full_sync, time.time())
         existing: list[Existing] = []
         if client is not None and settings.check_existing:
             with report.phase("defender_list"):
@@ -2277,9 +2324,8 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
         desired = Desired(interesting=frozenset(e.key for e in existing),
                           room=max(settings.max_indicators - foreign, 0))
 
-        status = MispReadStatus()
         with report.phase("misp_read_and_map"):
-            read_selection(misp, settings, args.full_sync, desired, status, time.time())
+            status = reader.read_into(desired)
         report.events, report.attributes = status.events, desired.attributes
         report.candidates, report.duplicates = desired.distinct, desired.duplicates
         report.rejected, report.skipped = desired.rejected, desired.skipped
@@ -2327,6 +2373,8 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
         with report.phase("apply"):
             apply_plan(the_plan, client, settings, report)
     finally:
+        if reader is not None:
+            reader.close()
         if json_log:
             json_log.close()
 

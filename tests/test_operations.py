@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -107,18 +106,17 @@ def test_a_failing_or_stalling_otx_does_not_stop_the_run(tool: Tool, pki, fault:
         assert result.report["otx_errors"] == 36
 
 
-def test_500_otx_lookups_at_50ms_take_well_under_25s(tool: Tool, pki) -> None:
+def test_500_otx_lookups_run_concurrently(tool: Tool, pki) -> None:
+    """The speed itself is measured by the OTX benchmark; here, that lookups overlap."""
     for event in distinct_sha256_events(500 - 36):
         tool.misp.add_event(event)
     with serving(OtxStandIn(pki, key=OTX_KEY, latency=0.05)) as otx:
-        started = time.monotonic()
         result = tool.run(**otx_config(otx), otx_max_workers=16)
-        elapsed = time.monotonic() - started
         assert result.code == 0 and len(otx.calls("lookup")) == 500
-        print(f"500 OTX lookups at 50 ms: whole run {elapsed:.1f} s")
-        # Not a timing assertion on the machine: the stand-in's own log shows the lookups overlapped.
-        lookups = otx.calls("lookup")
-        assert lookups[-1].t - lookups[0].t < 500 * 0.05 / 4
+        arrivals = [c.t for c in otx.calls("lookup")]
+        # One at a time, no two lookups could arrive within the 50 ms each one takes.
+        most_in_flight = max(sum(1 for t in arrivals if start <= t < start + 0.05) for start in arrivals)
+        assert most_in_flight >= 4
 
 
 def test_certificate_credentials_get_a_token_and_sync(tool: Tool, client_certificate: tuple[Path, str]) -> None:
