@@ -491,8 +491,10 @@ class MispReadStatus:
     pages: int = 0
     error: str = ""
     last_page_full: bool = False
+    helper_peak_rss_mib: float = 0.0  # a helper reader's own peak (each process has its own)
 
     def absorb(self, other: MispReadStatus) -> None:
+        self.helper_peak_rss_mib = max(self.helper_peak_rss_mib, other.helper_peak_rss_mib)
         self.complete = self.complete and other.complete
         self.events += other.events
         self.pages += other.pages
@@ -1895,6 +1897,7 @@ class Report:
     api: dict[str, EndpointStats] = field(default_factory=dict)
     fatal_code: int = EXIT_CANNOT_PROCEED
     otx_errors: int = 0
+    helper_peak_rss_mib: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -1942,7 +1945,9 @@ class Report:
         return {
             "version": __version__, "started": format_time(self.started), "finished": format_time(self.finished),
             "duration_seconds": round(self.finished - self.started, 3), "exit_code": self.exit_code,
-            "peak_rss_mib": round(peak_rss_mib(), 1),
+            # The largest of this process and its helper reader, as /usr/bin/time -f %M reports it.
+            "peak_rss_mib": round(max(peak_rss_mib(), self.helper_peak_rss_mib), 1),
+            "helper_peak_rss_mib": round(self.helper_peak_rss_mib, 1),
             "dry_run": self.dry_run, "full_sync": self.full_sync,
             "counts": {"events": self.events, "attributes": self.attributes, "candidates": self.candidates,
                        "duplicates": self.duplicates, "created": self.created, "updated": self.updated,
@@ -2290,6 +2295,7 @@ def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, 
         status.complete, status.error = False, str(exc)
         desired = Desired()
     fingerprints = array.array("Q", desired.take_fingerprints())
+    status.helper_peak_rss_mib = peak_rss_mib()
     results.send((desired, fingerprints, status, events))
     results.close()
 
@@ -2326,6 +2332,7 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
 
         with report.phase("misp_read_and_map"):
             status = reader.read_into(desired)
+        report.helper_peak_rss_mib = status.helper_peak_rss_mib
         report.events, report.attributes = status.events, desired.attributes
         report.candidates, report.duplicates = desired.distinct, desired.duplicates
         report.rejected, report.skipped = desired.rejected, desired.skipped
