@@ -2189,6 +2189,8 @@ def time_scale_from_environment() -> float:
         return 1.0
 
 
+# --- Reading the whole selection: page 1 here, the rest shared with a helper when it is large ---
+
 class SelectionReader:
     """Reads and maps every selected MISP event into a ``Desired``, in two steps.
 

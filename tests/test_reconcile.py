@@ -193,3 +193,13 @@ def test_tenant_cap_creates_by_priority_and_reports_the_rest(tool: Tool) -> None
     sent = [item for call in tool.defender.calls("import") for item in call.body["Indicators"]]
     assert len(sent) == 40  # nothing was sent that the cap would refuse
     assert len(tool.defender.active()) == 15_000
+
+
+def test_a_failing_page_in_a_shared_read_deletes_nothing(tool: Tool) -> None:
+    assert tool.run().code == 0
+    tool.misp.unpublish(EVENT_03)
+    tool.misp.fail_page(3, status=500, times=20)  # the parent or the helper reader meets it
+    result = tool.run("--full-sync", misp_event_limit_per_page=1)
+    assert result.code == 1
+    assert len(tool.misp.calls("me")) == 3  # the helper did take part
+    assert tool.defender.calls("batch_delete") == [] and "page 3" in result.report["misp_error"]
