@@ -240,3 +240,27 @@ def test_api_calls_are_the_minimum_for_a_fixed_scenario(tool: Tool) -> None:
     idle = tool.run(max_indicators_per_query=500)
     assert idle.code == 0 and len(writes(tool)) == before  # nothing changed: no write at all
     assert len(tool.defender.calls("list")) == 2
+
+
+def test_outputs_user_agent_event_log_parsed_indicators_and_summary(tool: Tool) -> None:
+    agent = "Mozilla/5.0 (X11; Linux x86_64) misp2defender-test"
+    result = tool.run(custom_user_agent=agent, write_parsed_eventid=True, write_parsed_indicators=True)
+    assert result.code == 0
+    microsoft = tool.entra.calls() + tool.defender.calls()
+    assert microsoft and {c.headers.get("user-agent") for c in microsoft} == {agent}
+    log_text = (tool.tmp / "misp2defender.log").read_text()
+    assert "MISP event 1201: Emotet epoch 6" in log_text and "MISP event 1205:" in log_text
+    parsed = json.loads((tool.tmp / "misp2defender_indicators.json").read_text())
+    imported = [item for c in tool.defender.calls("import") for item in c.body["Indicators"]]
+    assert parsed == imported and len(parsed) == 36
+    summary = [line for line in result.stdout.splitlines() if line.startswith("misp2defender: ")]
+    assert summary == [
+        "misp2defender: 5 events, 80 attributes, 36 candidates (5 duplicates), rejected 15 [7 private or reserved "
+        "IP address (Defender takes external IPs only), 2 malformed FileMd5 hash (expected 32 hex digits), "
+        "2 Defender certificate indicators support only Allowed or BlockAndRemediate, not Audit, 1 CIDR ranges "
+        "are not supported by Defender, 1 empty or missing value, 1 malformed FileSha1 hash (expected 40 hex "
+        "digits), 1 not a valid IP address], created 36, updated 0, deleted 0, kept 0, left out 0, failed 0, "
+        "API calls 2, exit 0"]
+    quiet = tool.run(write_parsed_eventid=False)
+    assert quiet.code == 0
+    assert (tool.tmp / "misp2defender.log").read_text().count("MISP event 1201:") == 1
