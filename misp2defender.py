@@ -2280,7 +2280,8 @@ def _claim_page(counter: Any) -> int:
 
 def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, full_sync: bool, now: float) -> None:
     """The helper process: read and map the pages it claims; send back the bounded result."""
-    setup_logging(settings, 0)
+    if not logging.getLogger().handlers:  # spawned: set up the log; forked: the parent's handlers came along
+        setup_logging(settings, 0)
     status, events = MispReadStatus(), []
     on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
     try:
