@@ -1322,6 +1322,132 @@ def collect(events: Iterable[dict], settings: Settings, now: float,
     return desired
 
 
+# --- Reading the whole selection: page 1 here, the rest shared with a helper when it is large ---
+
+class SelectionReader:
+    """Reads and maps every selected MISP event into a ``Desired``, in two steps.
+
+    Mapping is CPU-bound and a large MISP holds millions of attributes. So the first page is read
+    when the reader is made; when it comes back full and the machine has a second core, a helper
+    process starts at once (its PyMISP connection and first page overlap the Defender listing) and
+    then shares the remaining pages with this process: each takes the next unread page, so neither
+    waits for the other. The helper keeps a bounded ``Desired`` of its own, folded in at the end.
+    Small reads never start a process.
+    """
+
+    def __init__(self, misp: MispSource, settings: Settings, full_sync: bool, now: float):
+        self.misp, self.settings, self.full_sync, self.now = misp, settings, full_sync, now
+        self.status = MispReadStatus()
+        self.first_page = list(misp.events(full_sync, self.status, max_pages=1))
+        self.helper: tuple[Any, Any, Any] | None = None
+        self.more = self.status.complete and self.status.last_page_full
+        self.next_page: Callable[[], int] = itertools.count(2).__next__
+        if self.more and (os.cpu_count() or 1) > 1:
+            # fork is quick and shares what this process holds; a process with other threads
+            # (tests, embedding callers) must not fork, so it starts a fresh interpreter instead.
+            context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+            counter = context.Value("i", 2)
+            self.next_page = functools.partial(_claim_page, counter)
+            results, results_end = context.Pipe(duplex=False)
+            bounds_end, bounds = context.Pipe(duplex=False)
+            process = context.Process(target=_helper_reader, daemon=True, args=(
+                results_end, bounds_end, counter, settings, full_sync, now))
+            process.start()
+            results_end.close()
+            bounds_end.close()
+            self.helper = (process, results, bounds)
+
+    def read_into(self, desired: Desired) -> MispReadStatus:
+        on_event = ((lambda e: log.info("MISP event %s: %s", e.id, e.info))
+                    if self.settings.write_parsed_eventid else None)
+        if self.helper is not None:
+            self.helper[2].send((desired.interesting, desired.room))
+        collect(self.first_page, self.settings, self.now, on_event, desired, finish=False)
+        self.first_page = []
+        if self.more:
+            collect(self.misp.events(self.full_sync, self.status, next_page=self.next_page),
+                    self.settings, self.now, on_event, desired, finish=False)
+        if self.helper is not None:
+            self._join_helper(desired)
+        if not self.status.complete:
+            log.error("%s; nothing will be deleted in this run", self.status.error)
+        desired.finish()
+        return self.status
+
+    def _join_helper(self, desired: Desired) -> None:
+        process, results, bounds = self.helper  # type: ignore[misc]
+        self.helper = None
+        try:
+            part, fingerprints, part_status, events = results.recv()
+        except (EOFError, OSError) as exc:  # the helper died: the read is incomplete
+            self.status.complete = False
+            self.status.error = self.status.error or f"MISP helper reader failed: {type(exc).__name__}"
+        else:
+            desired.absorb(part, fingerprints)
+            self.status.absorb(part_status)
+            for event_id, info in events:
+                log.info("MISP event %s: %s", event_id, info)
+        finally:
+            results.close()
+            bounds.close()
+            process.join()
+
+    def close(self) -> None:
+        """Stop a helper that will not be needed (the run failed before reading)."""
+        if self.helper is not None:
+            process, results, bounds = self.helper
+            self.helper = None
+            bounds.close()  # the helper's wait for its bounds ends, and so does the helper
+            results.close()
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
+
+
+def _claim_page(counter: Any) -> int:
+    with counter.get_lock():
+        page = counter.value
+        counter.value += 1
+    return page
+
+
+def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, full_sync: bool, now: float) -> None:
+    """The helper process: read and map the pages it claims; send back the bounded result.
+
+    It starts while the parent is still listing Defender, so it maps its first pages keeping
+    every candidate, and applies the bounds (the keys Defender holds, the room) when they come.
+    """
+    if not logging.getLogger().handlers:  # spawned: set up the log; forked: the parent's handlers came along
+        setup_logging(settings, 0)
+    status, events = MispReadStatus(), []
+    on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
+    desired = Desired()
+
+    def bounded(events_in: Iterable[dict]) -> Iterator[dict]:
+        for event in events_in:
+            if desired.interesting is None and (bounds.poll() or len(desired.candidates) > UNBOUNDED_LIMIT):
+                desired.rebound(*bounds.recv())  # waits only if the parent is slow and we hold many
+            yield event
+
+    try:
+        pages = MispSource(settings, helper=True).events(full_sync, status,
+                                                         next_page=functools.partial(_claim_page, counter))
+        collect(bounded(pages), settings, now, on_event, desired, finish=False)
+        if desired.interesting is None:
+            desired.rebound(*bounds.recv())
+    except EOFError:
+        return  # the parent gave up before reading
+    except Misp2DefenderError as exc:
+        status.complete, status.error = False, str(exc)
+    fingerprints = array.array("Q", desired.take_fingerprints())
+    status.helper_peak_rss_mib = peak_rss_mib()
+    results.send((desired, fingerprints, status, events))
+    results.close()
+
+
+UNBOUNDED_LIMIT = 50_000  # candidates a helper may hold before it knows its bounds
+
+
 # ###########################################################################################
 # Defender client
 # ###########################################################################################
@@ -2207,132 +2333,6 @@ def time_scale_from_environment() -> float:
         return 1.0
 
 
-# --- Reading the whole selection: page 1 here, the rest shared with a helper when it is large ---
-
-class SelectionReader:
-    """Reads and maps every selected MISP event into a ``Desired``, in two steps.
-
-    Mapping is CPU-bound and a large MISP holds millions of attributes. So the first page is read
-    when the reader is made; when it comes back full and the machine has a second core, a helper
-    process starts at once (its PyMISP connection and first page overlap the Defender listing) and
-    then shares the remaining pages with this process: each takes the next unread page, so neither
-    waits for the other. The helper keeps a bounded ``Desired`` of its own, folded in at the end.
-    Small reads never start a process.
-    """
-
-    def __init__(self, misp: MispSource, settings: Settings, full_sync: bool, now: float):
-        self.misp, self.settings, self.full_sync, self.now = misp, settings, full_sync, now
-        self.status = MispReadStatus()
-        self.first_page = list(misp.events(full_sync, self.status, max_pages=1))
-        self.helper: tuple[Any, Any, Any] | None = None
-        self.more = self.status.complete and self.status.last_page_full
-        self.next_page: Callable[[], int] = itertools.count(2).__next__
-        if self.more and (os.cpu_count() or 1) > 1:
-            # fork is quick and shares what this process holds; a process with other threads
-            # (tests, embedding callers) must not fork, so it starts a fresh interpreter instead.
-            context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
-            counter = context.Value("i", 2)
-            self.next_page = functools.partial(_claim_page, counter)
-            results, results_end = context.Pipe(duplex=False)
-            bounds_end, bounds = context.Pipe(duplex=False)
-            process = context.Process(target=_helper_reader, daemon=True, args=(
-                results_end, bounds_end, counter, settings, full_sync, now))
-            process.start()
-            results_end.close()
-            bounds_end.close()
-            self.helper = (process, results, bounds)
-
-    def read_into(self, desired: Desired) -> MispReadStatus:
-        on_event = ((lambda e: log.info("MISP event %s: %s", e.id, e.info))
-                    if self.settings.write_parsed_eventid else None)
-        if self.helper is not None:
-            self.helper[2].send((desired.interesting, desired.room))
-        collect(self.first_page, self.settings, self.now, on_event, desired, finish=False)
-        self.first_page = []
-        if self.more:
-            collect(self.misp.events(self.full_sync, self.status, next_page=self.next_page),
-                    self.settings, self.now, on_event, desired, finish=False)
-        if self.helper is not None:
-            self._join_helper(desired)
-        if not self.status.complete:
-            log.error("%s; nothing will be deleted in this run", self.status.error)
-        desired.finish()
-        return self.status
-
-    def _join_helper(self, desired: Desired) -> None:
-        process, results, bounds = self.helper  # type: ignore[misc]
-        self.helper = None
-        try:
-            part, fingerprints, part_status, events = results.recv()
-        except (EOFError, OSError) as exc:  # the helper died: the read is incomplete
-            self.status.complete = False
-            self.status.error = self.status.error or f"MISP helper reader failed: {type(exc).__name__}"
-        else:
-            desired.absorb(part, fingerprints)
-            self.status.absorb(part_status)
-            for event_id, info in events:
-                log.info("MISP event %s: %s", event_id, info)
-        finally:
-            results.close()
-            bounds.close()
-            process.join()
-
-    def close(self) -> None:
-        """Stop a helper that will not be needed (the run failed before reading)."""
-        if self.helper is not None:
-            process, results, bounds = self.helper
-            self.helper = None
-            bounds.close()  # the helper's wait for its bounds ends, and so does the helper
-            results.close()
-            process.join(5)
-            if process.is_alive():
-                process.terminate()
-
-
-def _claim_page(counter: Any) -> int:
-    with counter.get_lock():
-        page = counter.value
-        counter.value += 1
-    return page
-
-
-def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, full_sync: bool, now: float) -> None:
-    """The helper process: read and map the pages it claims; send back the bounded result.
-
-    It starts while the parent is still listing Defender, so it maps its first pages keeping
-    every candidate, and applies the bounds (the keys Defender holds, the room) when they come.
-    """
-    if not logging.getLogger().handlers:  # spawned: set up the log; forked: the parent's handlers came along
-        setup_logging(settings, 0)
-    status, events = MispReadStatus(), []
-    on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
-    desired = Desired()
-
-    def bounded(events_in: Iterable[dict]) -> Iterator[dict]:
-        for event in events_in:
-            if desired.interesting is None and (bounds.poll() or len(desired.candidates) > UNBOUNDED_LIMIT):
-                desired.rebound(*bounds.recv())  # waits only if the parent is slow and we hold many
-            yield event
-
-    try:
-        pages = MispSource(settings, helper=True).events(full_sync, status,
-                                                         next_page=functools.partial(_claim_page, counter))
-        collect(bounded(pages), settings, now, on_event, desired, finish=False)
-        if desired.interesting is None:
-            desired.rebound(*bounds.recv())
-    except EOFError:
-        return  # the parent gave up before reading
-    except Misp2DefenderError as exc:
-        status.complete, status.error = False, str(exc)
-    fingerprints = array.array("Q", desired.take_fingerprints())
-    status.helper_peak_rss_mib = peak_rss_mib()
-    results.send((desired, fingerprints, status, events))
-    results.close()
-
-
-UNBOUNDED_LIMIT = 50_000  # candidates a helper may hold before it knows its bounds
-
-
 def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
     """One sync: read MISP, list Defender, plan, apply (unless dry run)."""
     dry_run = args.dry_run or settings.dry_run
@@ -2406,7 +2406,7 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             write_json(parsed_indicators_path(settings),
                        [indicator_json(c.candidate, settings) for c in the_plan.writes], settings.secrets)
         if dry_run:
-            print(format_plan(the_plan))
+            print(redact(format_plan(the_plan), settings.secrets))
             return
         log.info("%s", format_plan(the_plan))
         assert client is not None, "validation requires Defender credentials unless dry_run"
