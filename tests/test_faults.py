@@ -179,3 +179,13 @@ def test_misp_page_errors_are_retried(tool: Tool, fault: dict) -> None:
     result = tool.run(misp_event_limit_per_page=2)
     assert result.code == 0, result.stderr
     assert owned(tool) == SAMPLE_KEYS
+
+
+def test_a_run_that_fails_after_its_helper_reader_started_leaves_no_process_behind(tool: Tool) -> None:
+    import multiprocessing
+
+    tool.defender.forbid(tool.defaults["graph_auth"]["client_id"])  # the listing fails with 403
+    result = tool.run(misp_event_limit_per_page=1)  # page 1 is full: the helper starts first
+    assert result.code == 2 and "Ti.ReadWrite.All" in result.stderr
+    assert len(tool.misp.calls("me")) == 2  # the helper had connected
+    assert multiprocessing.active_children() == []
