@@ -1122,6 +1122,27 @@ def stronger(a: Candidate, b: Candidate) -> Candidate:
     return a if rank(a) >= rank(b) else b
 
 
+def misp_spellings(indicator_type: str, value: str) -> set[str]:
+    """Ways MISP may hold a normalised value: as is, defanged, IPv6 compressed, with a final dot."""
+    spellings = {value}
+    if indicator_type in HEX_LENGTH:
+        spellings.add(value.upper())
+    elif indicator_type == "IpAddress" and ":" in value:
+        spellings.add(ipaddress.ip_address(value).compressed)
+    elif indicator_type == "DomainName":
+        spellings |= {f"{value}.", value.replace(".", "[.]")}
+    elif indicator_type == "Url":
+        scheme, separator, rest = value.partition("://")
+        host, slash, path = rest.partition("/") if separator else value.partition("/")
+        defanged_host = host.replace(".", "[.]")
+        if separator:
+            for shown in {scheme, scheme.replace("http", "hxxp")}:
+                spellings |= {f"{shown}://{host}{slash}{path}", f"{shown}://{defanged_host}{slash}{path}"}
+        else:
+            spellings.add(f"{defanged_host}{slash}{path}")
+    return spellings
+
+
 def cap_priority(candidate: Candidate) -> tuple:
     """Who gets the room when the tenant cap is short: High first, Block before Audit, newest."""
     return (SEVERITY_RANK[candidate.severity], ACTION_RANK.get(candidate.action, 0),
@@ -2420,8 +2441,11 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
 
 
 def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings: Settings) -> frozenset:
-    """Retracted keys that another attribute selected by the filters still carries (asks MISP)."""
-    values = sorted({value for _, value in keys})
+    """Retracted keys that another attribute selected by the filters still carries (asks MISP).
+
+    MISP matches values as written, so each key is asked for in the spellings MISP may hold it in.
+    """
+    values = sorted({spelling for key in keys for spelling in misp_spellings(*key)})
     found = set()
     wanted = set(keys)
     for attribute, context in misp.attributes_with_values(values):

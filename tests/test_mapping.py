@@ -307,3 +307,17 @@ def test_legacy_alert_actions_keep_their_alert_even_when_alerts_are_off(wanted: 
     [result] = m2d.map_attribute(attribute("domain", "bad.site"), EVENT, settings, NOW)
     item = m2d.indicator_json(result.candidate, settings)
     assert (item["action"], item["generateAlert"]) == expected
+
+
+@pytest.mark.parametrize("key, expected", [
+    (("FileMd5", "d41d8cd98f00b204e9800998ecf8427e"),
+     {"d41d8cd98f00b204e9800998ecf8427e", "D41D8CD98F00B204E9800998ECF8427E"}),
+    (("IpAddress", "2a01:4f8:c17:2b1:0:0:0:3"), {"2a01:4f8:c17:2b1:0:0:0:3", "2a01:4f8:c17:2b1::3"}),
+    (("IpAddress", "185.220.101.4"), {"185.220.101.4"}),
+    (("DomainName", "bad.site"), {"bad.site", "bad.site.", "bad[.]site"}),
+    (("Url", "http://bad.site/x.php"), {"http://bad.site/x.php", "http://bad[.]site/x.php",
+                                        "hxxp://bad.site/x.php", "hxxp://bad[.]site/x.php"}),
+    (("Url", "bad.site/x"), {"bad.site/x", "bad[.]site/x"}),
+])
+def test_misp_spellings_of_a_value(key: tuple[str, str], expected: set[str]) -> None:
+    assert m2d.misp_spellings(*key) == expected

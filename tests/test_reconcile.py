@@ -203,3 +203,22 @@ def test_a_failing_page_in_a_shared_read_deletes_nothing(tool: Tool) -> None:
     assert result.code == 1
     assert len(tool.misp.calls("me")) == 3  # the helper did take part
     assert tool.defender.calls("batch_delete") == [] and "page 3" in result.report["misp_error"]
+
+
+def test_a_retracted_value_still_carried_in_another_spelling_stays(tool: Tool) -> None:
+    carrier = {"Event": {"uuid": "60000000-0000-4000-8000-000000000060", "info": "older report", "published": True,
+                         "timestamp": "1793606400", "publish_timestamp": "1793606400",
+                         "Tag": [{"name": 'workflow:state="complete"'}],
+                         "Attribute": [
+                             {"uuid": "60000000-0000-4000-8000-000000000061", "type": "ip-dst", "to_ids": True,
+                              "category": "Network activity", "value": "2a01:4f8:c17:2b1::3"},  # compressed IPv6
+                             {"uuid": "60000000-0000-4000-8000-000000000062", "type": "hostname", "to_ids": True,
+                              "category": "Network activity", "value": "mail[.]cdn-update-check[.]top"}]}}
+    tool.misp.add_event(carrier)
+    assert tool.run().code == 0
+    tool.misp.set_attribute("28ceaac2-0193-4679-92c4-889660dbc89f", to_ids=False)  # 40104, ip-src|port
+    tool.misp.set_attribute(ATTR_40107_HOSTNAME, to_ids=False)
+    result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
+    assert result.code == 0, result.stderr
+    assert result.counts["events"] == 1 and deleted_ids(tool) == []
+    assert {("IpAddress", "2a01:4f8:c17:2b1:0:0:0:3"), ("DomainName", "mail.cdn-update-check.top")} <= owned(tool)

@@ -623,8 +623,12 @@ class MispStandIn(StandIn):
             return not (f.tags_not and _any_tag(f.tags_not, attr_tags))
         if not _in_range(a_ts, f.timestamp):
             return False
-        if f.values is not None and not any(p.fullmatch(str(a.get("value", ""))) for p in f.values):
-            return False
+        if f.values is not None:
+            # MISP compares a value filter with the whole value and with each half of a composite.
+            value = str(a.get("value", ""))
+            forms = (value, *value.split("|", 1)) if "|" in value else (value,)
+            if not any(p.fullmatch(form) for p in f.values for form in forms):
+                return False
         if f.uuids is not None and not ({str(a.get("uuid", "")).lower(), str(ev.get("uuid", "")).lower()} & f.uuids):
             return False
         names = attr_tags + _tag_names(ev)
