@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.harness import Tool
 from tests.util import m2d, make_settings
 
 NOW = 1_795_000_000.0
@@ -75,3 +76,31 @@ def test_nonsense_timestamps_fall_back_instead_of_crashing() -> None:
         # Falls back to the event timestamp (NOW here) as valid_from: 300 days for DomainName.
         assert result.candidate.expiration == NOW + 300 * 86400
         assert m2d.indicator_json(result.candidate, SETTINGS)["expirationTime"] == "2027-09-14T11:06:40Z"
+
+
+def test_hostile_events_through_misp_and_the_whole_run(tool: Tool) -> None:
+    hostile = {"Event": {
+        "uuid": "70000000-0000-4000-8000-000000000070", "info": "x" * 100_000, "published": True,
+        "Tag": [{"name": 'workflow:state="complete"'}, {"name": None}, "not-a-tag"],
+        "Attribute": [
+            {"uuid": "a1", "type": "domain", "to_ids": True, "value": "still-syncs.top", "Tag": "tlp:clear"},
+            {"uuid": "a2", "type": "ip-dst", "to_ids": True, "value": None},
+            {"uuid": "a3", "type": "url", "to_ids": True, "value": "http://\u202eevil.top/" + "a" * 5000},
+            {"uuid": "a4", "type": "ip-dst|port", "to_ids": True, "value": "1.2.3.4|80|80"},
+            {"uuid": "a5", "type": None, "value": "x"},
+            {"uuid": "a6", "type": "sha256", "to_ids": "yes", "value": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4"},
+        ],
+        "Object": [{"name": "file", "Attribute": [
+            {"uuid": "a7", "type": "md5", "to_ids": True, "value": "d41d8cd98f00b204e9800998ecf8427e",
+             "timestamp": "not a number", "first_seen": "yesterday"}]}],
+    }}
+    tool.misp.add_event(hostile)
+    result = tool.run()
+    assert result.code == 0, result.stderr
+    held = {v for _, v, _ in tool.held()}
+    assert {"still-syncs.top", "d41d8cd98f00b204e9800998ecf8427e"} <= held
+    reasons = result.report["rejected_by_reason"]
+    assert reasons["empty or missing value"] == 1 + 1  # a2, plus the sample events' own empty domain
+    assert reasons["composite ip-dst|port value must hold exactly one '|'"] == 1
+    assert result.report["skipped_by_reason"]["attribute has no type"] == 1
+    assert result.report["skipped_by_reason"]["to_ids is not set"] >= 1
