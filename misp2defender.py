@@ -2095,6 +2095,24 @@ class Report:
                 f"kept {self.kept}, left out {self.left_out}, failed {len(self.failed)}, "
                 f"API calls {calls}, exit {self.exit_code}{mode}")
 
+    def record_read(self, desired: Desired, status: MispReadStatus) -> None:
+        self.helper_peak_rss_mib = status.helper_peak_rss_mib
+        self.events, self.attributes = status.events, desired.attributes
+        self.candidates, self.duplicates = desired.distinct, desired.duplicates
+        self.rejected, self.skipped = desired.rejected, desired.skipped
+        self.rejected_items = desired.rejected_items
+
+    def record_plan(self, the_plan: Plan, settings: Settings) -> None:
+        self.kept, self.left_out = sum(the_plan.keeps.values()), the_plan.left_out_count
+        self.left_out_items = [{"type": c.indicator_type, "value": c.value, "severity": c.severity,
+                                "action": c.action, "event_id": c.event_id} for c in the_plan.left_out]
+        self.deletes_withheld = the_plan.deletes_withheld
+        if the_plan.deletes_withheld:
+            log.error("%s", the_plan.deletes_withheld)
+        if the_plan.left_out_count:
+            log.error("tenant cap: %d indicators left out (room %d of defender_max_indicators %d)",
+                      the_plan.left_out_count, the_plan.room, settings.max_indicators)
+
     def table(self) -> str:
         """A short summary for a person at a terminal."""
         rows = [("created", self.created), ("updated", self.updated), ("deleted", self.deleted),
@@ -2372,25 +2390,13 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
         # listing (≤ 15,000) says which MISP keys need full records.
         with report.phase("misp_first_page"):
             reader = SelectionReader(misp, settings, args.full_sync, time.time())
-        existing: list[Existing] = []
-        if client is not None and settings.check_existing:
-            with report.phase("defender_list"):
-                now = time.time()
-                existing = [e for e in (existing_from_api(i, settings.client_id, settings.application, now)
-                                        for i in client.list_indicators()) if e is not None]
-        elif not settings.check_existing:
-            log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
+        existing = list_existing(client, settings, report)
         foreign = sum(1 for e in existing if not e.owned)
         desired = Desired(interesting=frozenset(e.key for e in existing),
                           room=max(settings.max_indicators - foreign, 0))
-
         with report.phase("misp_read_and_map"):
             status = reader.read_into(desired)
-        report.helper_peak_rss_mib = status.helper_peak_rss_mib
-        report.events, report.attributes = status.events, desired.attributes
-        report.candidates, report.duplicates = desired.distinct, desired.duplicates
-        report.rejected, report.skipped = desired.rejected, desired.skipped
-        report.rejected_items = desired.rejected_items
+        report.record_read(desired, status)
 
         still_selected: frozenset = frozenset()
         owned_keys = {e.key for e in existing if e.owned}
@@ -2406,23 +2412,8 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
                             still_selected=still_selected, force=args.force)
         if settings.exclude_if_in_alienvault and the_plan.creates:
-            otx = OtxClient(settings)
-            known = otx.known(c.candidate.key for c in the_plan.creates if not c.replaces)
-            excluded = exclude_known(the_plan, known)
-            report.skipped["known in AlienVault OTX"] += excluded
-            report.otx_errors = otx.errors
-            report.api["otx"] = otx.stats
-            if otx.errors:
-                log.warning("OTX: %d lookups failed; those indicators are pushed anyway", otx.errors)
-        report.kept, report.left_out = sum(the_plan.keeps.values()), the_plan.left_out_count
-        report.left_out_items = [{"type": c.indicator_type, "value": c.value, "severity": c.severity,
-                                  "action": c.action, "event_id": c.event_id} for c in the_plan.left_out]
-        report.deletes_withheld = the_plan.deletes_withheld
-        if the_plan.deletes_withheld:
-            log.error("%s", the_plan.deletes_withheld)
-        if the_plan.left_out_count:
-            log.error("tenant cap: %d indicators left out (room %d of defender_max_indicators %d)",
-                      the_plan.left_out_count, the_plan.room, settings.max_indicators)
+            exclude_known_to_otx(the_plan, settings, report)
+        report.record_plan(the_plan, settings)
         if settings.write_parsed_indicators:
             write_json(parsed_indicators_path(settings),
                        [indicator_json(c.candidate, settings) for c in the_plan.writes], settings.secrets)
@@ -2438,6 +2429,29 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
             reader.close()
         if json_log:
             json_log.close()
+
+
+def list_existing(client: DefenderClient | None, settings: Settings, report: Report) -> list[Existing]:
+    """What Defender holds, as planning compares it (nothing without credentials or the listing)."""
+    if client is None or not settings.check_existing:
+        if not settings.check_existing:
+            log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
+        return []
+    with report.phase("defender_list"):
+        now = time.time()
+        return [e for e in (existing_from_api(i, settings.client_id, settings.application, now)
+                            for i in client.list_indicators()) if e is not None]
+
+
+def exclude_known_to_otx(the_plan: Plan, settings: Settings, report: Report) -> None:
+    """exclude_if_in_alienvault: drop the creates OTX already knows; an OTX failure never stops the run."""
+    otx = OtxClient(settings)
+    known = otx.known(c.candidate.key for c in the_plan.creates if not c.replaces)
+    report.skipped["known in AlienVault OTX"] += exclude_known(the_plan, known)
+    report.otx_errors = otx.errors
+    report.api["otx"] = otx.stats
+    if otx.errors:
+        log.warning("OTX: %d lookups failed; those indicators are pushed anyway", otx.errors)
 
 
 def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings: Settings) -> frozenset:
