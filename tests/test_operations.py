@@ -166,3 +166,44 @@ def test_no_proxy_is_honoured(tool: Tool, monkeypatch) -> None:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)  # NO_PROXY=127.0.0.1 from the fixture still applies
         assert tool.run().code == 0
     assert proxy.targets == []
+
+
+def test_check_tests_the_otx_key_when_otx_is_on(tool: Tool, pki) -> None:
+    with serving(OtxStandIn(pki, key=OTX_KEY)) as otx:
+        good = tool.run("--check", **otx_config(otx))
+        assert good.code == 0 and "  ✓ OTX: the API key works" in good.stdout
+        bad = tool.run("--check", **otx_config(otx, otx_alienvault_api="wrong-key"))
+        assert bad.code == 2
+        assert "  ✗ OTX: OTX rejected the API key (otx_alienvault_api)" in bad.stdout
+        assert "fix: check otx_alienvault_api" in bad.stdout
+
+
+def test_a_terminal_gets_a_summary_table(tool: Tool) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.util import ROOT
+
+    leader, follower = pty.openpty()
+    config = tool.config()
+    child = subprocess.Popen([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(config)],
+                             stdout=follower, stderr=subprocess.DEVNULL, cwd=tool.tmp, env=dict(os.environ))
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the child exits
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert child.wait(timeout=60) == 0
+    text = output.decode()
+    assert "  created        36\r\n" in text and "  rejected       15\r\n" in text
+    assert "    rejected: 7 private or reserved" in text
+    piped = tool.run()
+    assert "  created  " not in piped.stdout  # cron's log gets the one summary line only
