@@ -154,7 +154,11 @@ def _like(pattern: str) -> re.Pattern[str]:
 
 
 def _tag_names(obj: Mapping[str, Any]) -> list[str]:
-    return [t.get("name", "") for t in obj.get("Tag") or () if isinstance(t, Mapping)]
+    """Tag names; hostile test data may hold tags that are not dicts or have no string name."""
+    tags = obj.get("Tag")
+    if not isinstance(tags, list):
+        return []
+    return [t["name"] for t in tags if isinstance(t, Mapping) and isinstance(t.get("name"), str)]
 
 
 def _any_tag(patterns: list[re.Pattern[str]], names: Iterable[str]) -> bool:
