@@ -743,9 +743,9 @@ class MispStandIn(StandIn):
         a: Mapping[str, Any], ev: Mapping[str, Any], obj: Mapping[str, Any] | None, summary: dict[str, Any], f: Filters
     ) -> dict[str, Any]:
         item = _public(a)
-        tags = list(a.get("Tag") or [])
-        if f.include_event_tags:
-            tags += [{**t, "inherited": 1} for t in ev.get("Tag") or []]
+        tags = list(a["Tag"]) if isinstance(a.get("Tag"), list) else []
+        if f.include_event_tags and isinstance(ev.get("Tag"), list):
+            tags += [{**t, "inherited": 1} for t in ev["Tag"] if isinstance(t, Mapping)]
         item["Tag"] = tags
         item["Event"] = dict(summary)
         if obj is not None:
