@@ -488,7 +488,6 @@ class MispReadStatus:
 
     complete: bool = True
     events: int = 0
-    pages: int = 0
     error: str = ""
     last_page_full: bool = False
     helper_peak_rss_mib: float = 0.0  # a helper reader's own peak (each process has its own)
@@ -497,7 +496,6 @@ class MispReadStatus:
         self.helper_peak_rss_mib = max(self.helper_peak_rss_mib, other.helper_peak_rss_mib)
         self.complete = self.complete and other.complete
         self.events += other.events
-        self.pages += other.pages
         self.error = self.error or other.error
 
 
@@ -634,7 +632,6 @@ class MispSource:
                 status.error = f"MISP events page {page} failed: {exc}"
                 log.error("%s; nothing will be deleted in this run", status.error)
                 return
-            status.pages += 1
             events = result if isinstance(result, list) else []
             for item in events:
                 event = item.get("Event", item) if isinstance(item, dict) else None
@@ -1037,8 +1034,6 @@ def event_mapper(event: EventContext, settings: Settings,
     vetted_tags = settings.vetted_attribute_tags
     event_severity = event.severity or settings.severity
     event_action = event.action or settings.action
-    lifetimes = settings.lifetimes
-    fixed_expiry = settings.ignore_last_seen and settings.expire_from_current_date
     default_alert = settings.generate_alert
     title, event_id, event_uuid, event_timestamp = event.title, event.id, event.uuid, event.timestamp
 
@@ -1094,11 +1089,7 @@ def event_mapper(event: EventContext, settings: Settings,
                 if isinstance(action, str):
                     outcomes.append(_rejected(action, attribute, event))
                     continue
-                if fixed_expiry:
-                    days = lifetimes[indicator_type, tlp_clear]
-                    expiration: float | None = min(now + days * 86400.0, MAX_EPOCH)
-                else:
-                    expiration, days = expiration_for(settings, indicator_type, tlp_clear, attribute, now)
+                expiration, days = expiration_for(settings, indicator_type, tlp_clear, attribute, now)
                 if expiration is not None and expiration <= now:
                     outcomes.append(Outcome("skipped", "already expired", key=(indicator_type, value)))
                     continue
@@ -1593,6 +1584,8 @@ class TokenProvider:
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 if "access_token" in result:
+                    if result.get("token_source") != "cache":
+                        self.stats.calls += 1  # MSAL answered from Entra, not from its cache
                     return result["access_token"]
                 error, description = result.get("error", "?"), str(result.get("error_description", ""))
                 first_line = description.splitlines()[0] if description else ""
@@ -1602,6 +1595,7 @@ class TokenProvider:
                              else "Entra app credentials")
                     raise CredentialError(f"Entra rejected the {which}: {error}: {first_line}")
                 last = f"{error}: {first_line}"
+            self.stats.calls += 1
             self.stats.retries += 1
             if attempt < self.settings.max_retries:
                 time.sleep(max(_backoff(attempt), 1.0))
@@ -2086,7 +2080,7 @@ class Report:
     def summary_line(self) -> str:
         rejected = ", ".join(f"{n} {reason}" for reason, n in self.rejected.most_common()) or "none"
         deleted = ", ".join(f"{n} {reason}" for reason, n in self.deleted_by_reason.most_common())
-        calls = sum(s.calls for s in self.api.values())
+        calls = sum(s.calls for name, s in self.api.items() if name in ENDPOINT_LIMITS)  # Defender's own
         mode = " (dry run: nothing written)" if self.dry_run else ""
         return (f"misp2defender: {self.events} events, {self.attributes} attributes, {self.candidates} "
                 f"candidates ({self.duplicates} duplicates), rejected {sum(self.rejected.values())} "
@@ -2384,7 +2378,7 @@ def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
         if settings.has_defender_credentials and (settings.check_existing or not dry_run):
             client = DefenderClient(settings, time_scale=time_scale_from_environment(), json_log=json_log)
             client.tokens.get()  # a bad secret stops the run before any MISP paging
-            report.api = client.stats
+            report.api = {**client.stats, "token": client.tokens.stats}
 
         # MISP's first page first (a large read starts its helper now), then Defender: its
         # listing (≤ 15,000) says which MISP keys need full records.
