@@ -47,6 +47,8 @@ import random
 import re
 import resource
 import runpy
+import socket
+import ssl
 import stat
 import sys
 import threading
@@ -56,7 +58,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 __version__ = "1.0.0"
@@ -64,34 +66,307 @@ __version__ = "1.0.0"
 log = logging.getLogger("misp2defender")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CANNOT_PROCEED = 0, 1, 2
+T = TypeVar("T")
 
+
+# ###########################################################################################
+# Shared helpers: errors, redaction, time, the retry policy
+# ###########################################################################################
 
 class Misp2DefenderError(Exception):
-    """A failure the run reports in one sentence; ``exit_code`` says what it means for cron."""
+    """A failure the run reports in one sentence.
+
+    ``exit_code`` says what it means for cron; ``service`` names the system at fault (misp,
+    entra, defender, otx, config, files), so that --check and the summary can name the right fix
+    without reading the message.
+    """
 
     exit_code = EXIT_CANNOT_PROCEED
+    service = ""
+
+    def __init__(self, message: str, service: str = "") -> None:
+        super().__init__(message)
+        if service:
+            self.service = service
 
 
 class ConfigError(Misp2DefenderError):
-    pass
+    service = "config"
 
 
 class CredentialError(Misp2DefenderError):
-    pass
+    """A service refused our credentials or permissions: retrying will not help."""
 
 
 class UnreachableError(Misp2DefenderError):
-    pass
+    """A service could not be reached, or kept failing, within the bounded retries."""
+
+
+class CertificateError(UnreachableError):
+    """TLS verification failed: a wrong CA, or a TLS-inspecting proxy. Never retried."""
+
+
+class ServerError(UnreachableError):
+    """A service answered with a server error (5xx) until the retries ran out."""
+
+
+class AnswerError(UnreachableError):
+    """A service answered 200 with a shape its documentation does not describe."""
 
 
 class LockedError(Misp2DefenderError):
-    pass
+    service = "lock"
 
 
 class DefenderError(Misp2DefenderError):
     """Defender still refused or failed a call after the bounded retries."""
 
     exit_code = EXIT_INCOMPLETE
+    service = "defender"
+
+
+class StoppedWaiting(Misp2DefenderError):
+    """A wait longer than max_retry_wait, or past max_run_seconds: the work is left for the next run."""
+
+    exit_code = EXIT_INCOMPLETE
+
+
+# --- Redaction: nothing secret reaches a log, a report, a file or the terminal ---
+
+_TOKEN_PATTERNS = (
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1[REDACTED]"),
+    (re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "[REDACTED-TOKEN]"),
+    # Session cookies: PyMISP logs the request headers (Cookie included) on a MISP 5xx.
+    (re.compile(r"(?i)((?:set-)?cookie['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n]+"), r"\1[REDACTED]"),
+)
+SHORT_SECRET = 8  # shorter secrets are redacted only as whole words, so output stays readable
+
+
+@functools.lru_cache(maxsize=32)
+def _secret_patterns(secrets: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    patterns = []
+    for secret in sorted(set(filter(None, secrets)), key=len, reverse=True):
+        escaped = re.escape(secret)
+        patterns.append(re.compile(escaped if len(secret) >= SHORT_SECRET
+                                   else rf"(?<![A-Za-z0-9]){escaped}(?![A-Za-z0-9])"))
+    return tuple(patterns)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Remove secrets, bearer tokens and session cookies from text we are about to write."""
+    for pattern in _secret_patterns(tuple(secrets)):
+        text = pattern.sub("[REDACTED]", text)
+    for pattern, replacement in _TOKEN_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_data(value: Any, secrets: Iterable[str]) -> Any:
+    """Redact every string inside a JSON-like value, so the JSON written stays valid JSON."""
+    secrets = tuple(secrets)
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {redact_data(k, secrets) if isinstance(k, str) else k: redact_data(v, secrets)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_data(v, secrets) for v in value]
+    return value
+
+
+# --- Time ---
+
+MAX_EPOCH = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc).timestamp()  # far future, still formattable
+_ISO_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
+                       r"\s*(?:([Zz])|([+-])(\d{2}):?(\d{2})?)?")
+
+
+def parse_time(value: Any) -> float | None:
+    """ISO 8601 as Defender and MISP write it → epoch seconds; None when it is not a time.
+
+    Fractions of any length (Defender prints 1 to 7 digits), ``Z`` or an offset, naive = UTC.
+    Hand-written: ``datetime.fromisoformat`` on Python 3.10 rejects most of these forms.
+    """
+    if not isinstance(value, str):
+        return None
+    match = _ISO_TIME.fullmatch(value.strip())
+    if not match:
+        return None
+    year, month, day, hour, minute, second, fraction, _, sign, off_hours, off_minutes = match.groups()
+    offset = dt.timedelta(0)
+    if sign:
+        offset = dt.timedelta(hours=int(off_hours), minutes=int(off_minutes or 0)) * (-1 if sign == "-" else 1)
+    try:
+        moment = dt.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
+                             tzinfo=dt.timezone(offset))
+        epoch = moment.timestamp()
+    except (ValueError, OverflowError):
+        return None
+    return epoch + (int(fraction[:9]) / 10 ** len(fraction[:9]) if fraction else 0.0)
+
+
+def format_time(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def epoch_or(value: Any, default: float = 0.0) -> float:
+    """MISP's string epochs as float; anything else (garbage, NaN, infinity) → default."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return number if math.isfinite(number) and abs(number) < MAX_EPOCH else default
+
+
+class Deadline:
+    """The end of the run (max_run_seconds): no wait may pass it and no write starts after it."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.at = clock() + seconds
+
+    def remaining(self) -> float:
+        return self.at - self.clock()
+
+    @property
+    def passed(self) -> bool:
+        return self.remaining() <= 0
+
+
+# --- One retry policy for every client ---
+
+@dataclass
+class EndpointStats:
+    calls: int = 0
+    retries: int = 0
+    throttled: int = 0
+    waited_seconds: float = 0.0
+
+
+class Retry(Exception):
+    """Raised inside an attempt that may succeed if repeated; ``wait`` is what the server asked for."""
+
+    def __init__(self, problem: str, wait: float | None = None):
+        super().__init__(problem)
+        self.problem, self.wait = problem, wait
+
+
+def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff with jitter, so that many clients do not retry in step."""
+    return min(cap, base * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class RetryPolicy:
+    """How every client retries: bounded attempts, backoff with jitter, capped waits.
+
+    An attempt raises ``Retry`` for what may pass (429, 5xx, resets, timeouts) and any other
+    error for what will not. A wait longer than ``max_wait`` (a Retry-After of a day) or past the
+    run's deadline is never slept: ``StoppedWaiting`` leaves that work for the next run.
+    """
+
+    max_retries: int
+    max_wait: float
+    deadline: Deadline
+    sleep: Callable[[float], None] = time.sleep
+
+    def run(self, what: str, attempt: Callable[[], T], *, fail: type[Misp2DefenderError] = UnreachableError,
+            service: str = "", stats: EndpointStats | None = None, min_wait: float = 0.0,
+            wait_with: Callable[[float], None] | None = None) -> T:
+        for number in itertools.count():
+            try:
+                return attempt()
+            except Retry as retry:
+                if number >= self.max_retries:
+                    raise fail(f"{what} failed after {number + 1} attempts: {retry.problem}", service) from None
+                wait = max(min_wait, backoff(number) if retry.wait is None else retry.wait)
+                self.check_wait(what, wait, service)
+                log.warning("%s: %s; retrying in %.1f s", what, retry.problem, wait)
+                if stats is not None:
+                    stats.retries += 1
+                    stats.waited_seconds += wait
+                (wait_with or self.sleep)(wait)
+        raise AssertionError("unreachable")  # itertools.count() never ends
+
+    def check_wait(self, what: str, wait: float, service: str = "") -> None:
+        """Refuse a wait the run must not make (the caller's work is then left for the next run)."""
+        if wait > self.max_wait:
+            raise StoppedWaiting(f"{what}: asked to wait {wait:.0f} s, more than max_retry_wait "
+                                 f"({self.max_wait:g} s); left for the next run", service)
+        if wait > self.deadline.remaining():
+            raise StoppedWaiting(f"{what}: waiting {wait:.0f} s would pass max_run_seconds "
+                                 f"({self.deadline.seconds:g} s); left for the next run", service)
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """An exception, what it wraps (cause, context, urllib3's ``reason``, exception args)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo.extend(e for e in linked if isinstance(e, BaseException))
+
+
+def transport_problem(exc: BaseException) -> str | None:
+    """"certificate", "connection" or "timeout" when ``exc`` is (or wraps) a transport failure."""
+    import requests
+
+    kinds = [e for e in exception_chain(exc)]
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in kinds):
+        return "certificate"
+    if any(isinstance(e, (requests.Timeout, TimeoutError, socket.timeout)) for e in kinds):
+        return "timeout"
+    if any(isinstance(e, (requests.ConnectionError, ConnectionError, ssl.SSLError, socket.gaierror)) for e in kinds):
+        return "connection"
+    return None
+
+
+def certificate_error(service: str, where: str, exc: BaseException) -> CertificateError:
+    detail = next((str(e) for e in exception_chain(exc) if isinstance(e, ssl.SSLCertVerificationError)), "")
+    fix = ("set misp_verifycert to the CA bundle that signed MISP's certificate" if service == "misp"
+           else "behind a TLS-inspecting proxy, set REQUESTS_CA_BUNDLE to a bundle holding its CA")
+    return CertificateError(f"the TLS certificate of {where} is not trusted (CERTIFICATE_VERIFY_FAILED: "
+                            f"{detail}): {fix}", service)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def key_fingerprint(indicator_type: str, value: str) -> int:
+    """A 64-bit digest of a key, the same in every process (unlike hash(), which is salted)."""
+    digest = hashlib.blake2b(f"{indicator_type}\0{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM first: ru_maxrss also counts what a forking parent held."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json(path: str | Path, document: Any, secrets: Iterable[str]) -> None:
+    """Write atomically and owner-only, so a reader never sees half a file and others see none."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    text = json.dumps(redact_data(document, secrets), indent=2, default=str) + "\n"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    temporary.replace(path)
 
 
 # ###########################################################################################
@@ -104,7 +379,6 @@ NETWORK_TYPES = frozenset({"IpAddress", "DomainName", "Url"})
 FILE_TYPES = frozenset({"FileSha1", "FileSha256", "FileMd5"})
 SEVERITIES = ("Informational", "Low", "Medium", "High")
 ACTIONS = ("Warn", "Block", "Audit", "Alert", "AlertAndBlock", "BlockAndRemediate", "Allowed")
-MAX_EPOCH = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc).timestamp()  # far future, still formattable
 TIME_WINDOW_FILTERS = ("publish_timestamp", "timestamp", "last", "date_from", "date_to")
 SECRET_ENVIRONMENT = {
     "misp_key": "MISP2DEFENDER_MISP_KEY",
@@ -510,19 +784,10 @@ def tag_names(container: Any) -> frozenset[str]:
     return frozenset(t["name"] for t in tags if isinstance(t, dict) and isinstance(t.get("name"), str))
 
 
-def _epoch(value: Any, default: float = 0.0) -> float:
-    """MISP's string epochs as float; anything else (garbage, NaN, infinity) → default."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return default
-    return number if math.isfinite(number) and abs(number) < MAX_EPOCH else default
-
-
 def event_context(event: dict) -> EventContext:
     return EventContext(id=str(event.get("id") or ""), uuid=str(event.get("uuid") or ""),
                         info=str(event.get("info") or ""), tags=tag_names(event),
-                        timestamp=_epoch(event.get("timestamp")))
+                        timestamp=epoch_or(event.get("timestamp")))
 
 
 def event_attributes(event: dict, flatten_objects: bool) -> Iterator[Any]:
@@ -545,11 +810,6 @@ def selection_filters(filters: Mapping[str, Any], full_sync: bool) -> dict[str, 
         for key in TIME_WINDOW_FILTERS:
             selected.pop(key, None)
     return selected
-
-
-def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
-    """Exponential backoff with jitter, so that many clients do not retry in step."""
-    return min(cap, base * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
 class MispSource:
@@ -581,7 +841,7 @@ class MispSource:
             except Exception as exc:  # requests' connection errors, TLS failures, timeouts
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt < s.max_retries:
-                time.sleep(_backoff(attempt))
+                time.sleep(backoff(attempt))
         raise UnreachableError(f"MISP at {s.misp_url} is unreachable or failing: {redact(problem, s.secrets)}")
 
     def _search(self, controller: str, **query: Any) -> Any:
@@ -605,7 +865,7 @@ class MispSource:
                 else:
                     return result
             if attempt < self.settings.max_retries:
-                time.sleep(_backoff(attempt))
+                time.sleep(backoff(attempt))
         raise UnreachableError(redact(last, self.settings.secrets))
 
     def events(self, full_sync: bool, status: MispReadStatus, extra: Mapping[str, Any] | None = None, *,
@@ -962,37 +1222,20 @@ def _course_of_action(tags: frozenset[str]) -> str | None:
     return max(found, key=ACTION_RANK.__getitem__) if found else None
 
 
-def _iso_epoch(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    try:
-        return parsed.timestamp()
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-
-
 def expiration_for(settings: Settings, indicator_type: str, tlp_clear: bool, attribute: dict,
                    now: float) -> tuple[float | None, int]:
     """Expiry per the README: per-type days from valid_from or now, TLP:CLEAR shorter, last_seen."""
     days = settings.lifetimes[indicator_type, tlp_clear]
     if not settings.ignore_last_seen:
-        last_seen = _iso_epoch(attribute.get("last_seen"))
+        last_seen = parse_time(attribute.get("last_seen"))
         if last_seen is not None:
             return last_seen, days
     if settings.expire_from_current_date:
         start = now
     else:
-        start = _iso_epoch(attribute.get("first_seen"))
+        start = parse_time(attribute.get("first_seen"))
         if start is None:
-            start = _epoch(attribute.get("timestamp"), now) or now
+            start = epoch_or(attribute.get("timestamp"), now) or now
     return min(start + days * 86400.0, MAX_EPOCH), days
 
 
@@ -1099,7 +1342,7 @@ def event_mapper(event: EventContext, settings: Settings,
                     indicator_type, value, action[0], severity, expiration, days, title, event_id, event_uuid,
                     misp_type, category if isinstance(category, str) else "",
                     comment[:500] if isinstance(comment, str) and comment else "",
-                    _epoch(attribute.get("timestamp"), event_timestamp), action[1] or default_alert))
+                    epoch_or(attribute.get("timestamp"), event_timestamp), action[1] or default_alert))
         return outcomes
 
     return map_one
@@ -1138,12 +1381,6 @@ def cap_priority(candidate: Candidate) -> tuple:
     """Who gets the room when the tenant cap is short: High first, Block before Audit, newest."""
     return (SEVERITY_RANK[candidate.severity], ACTION_RANK.get(candidate.action, 0),
             candidate.attribute_timestamp, candidate.value)
-
-
-def format_time(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def indicator_json(candidate: Candidate, settings: Settings) -> dict[str, Any]:
@@ -1305,12 +1542,6 @@ class Desired:
         self._seen = set()
         self._heap = []
         self.evicted_sample = [c for c in self.evicted_sample if c.key not in self.candidates]
-
-
-def key_fingerprint(indicator_type: str, value: str) -> int:
-    """A 64-bit digest of a key, the same in every process (unlike hash(), which is salted)."""
-    digest = hashlib.blake2b(f"{indicator_type}\0{value}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def collect(events: Iterable[dict], settings: Settings, now: float,
@@ -1536,14 +1767,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-@dataclass
-class EndpointStats:
-    calls: int = 0
-    retries: int = 0
-    throttled: int = 0
-    waited_seconds: float = 0.0
-
-
 class TokenProvider:
     """An MSAL app for the client-credentials flow; MSAL caches and refreshes the token."""
 
@@ -1572,7 +1795,7 @@ class TokenProvider:
             except Exception as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 if attempt < s.max_retries:
-                    time.sleep(_backoff(attempt))
+                    time.sleep(backoff(attempt))
         raise UnreachableError(f"Entra ID at {s.authority} is unreachable: {redact(last, s.secrets)}")
 
     def get(self) -> str:
@@ -1598,7 +1821,7 @@ class TokenProvider:
             self.stats.calls += 1
             self.stats.retries += 1
             if attempt < self.settings.max_retries:
-                time.sleep(max(_backoff(attempt), 1.0))
+                time.sleep(max(backoff(attempt), 1.0))
         raise UnreachableError(f"could not get a token from Entra ID: {last}")
 
     def invalidate(self) -> None:
@@ -1662,7 +1885,7 @@ class DefenderClient:
                     return response
             if attempt >= self.settings.max_retries:
                 raise DefenderError(f"Defender {endpoint} failed after {attempt + 1} attempts: {problem}")
-            wait = _backoff(attempt) if wait is None else wait
+            wait = backoff(attempt) if wait is None else wait
             log.warning("Defender %s: %s; retrying in %.1f s", endpoint, problem, wait)
             stats.retries += 1
             stats.waited_seconds += wait
@@ -1839,7 +2062,7 @@ def existing_from_api(item: dict, client_id: str, application: str, now: float) 
     indicator_type = item.get("indicatorType")
     if indicator_type not in INDICATOR_TYPES or not isinstance(item.get("indicatorValue"), str):
         return None
-    expiration = _iso_epoch(item.get("expirationTime"))
+    expiration = parse_time(item.get("expirationTime"))
     if expiration is not None and expiration <= now:
         return None
     return Existing(id=str(item.get("id")), indicator_type=indicator_type,
@@ -2139,22 +2362,6 @@ class Report:
         }
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS. VmHWM first: ru_maxrss also counts what a forking parent held."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def apply_plan(the_plan: Plan, client: DefenderClient, settings: Settings, report: Report) -> None:
     """Deletes first (they free room under the cap), then imports, then superseded indicators."""
     _delete(the_plan.deletes, client, report)
@@ -2241,19 +2448,6 @@ def format_plan(the_plan: Plan, limit: int = 200) -> str:
 # Command line
 # ###########################################################################################
 
-_TOKEN_PATTERNS = (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
-                   re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"))
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """Remove secrets and bearer tokens from anything we are about to write."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
-    text = _TOKEN_PATTERNS[0].sub(r"\1[REDACTED]", text)
-    return _TOKEN_PATTERNS[1].sub("[REDACTED-TOKEN]", text)
-
-
 class RedactingFormatter(logging.Formatter):
     def __init__(self, fmt: str, secrets: list[str]):
         super().__init__(fmt)
@@ -2331,14 +2525,6 @@ class JsonLog:
 
 def parsed_indicators_path(settings: Settings) -> Path:
     return Path(settings.log_file or "misp2defender.log").with_name("misp2defender_indicators.json")
-
-
-def write_json(path: str | Path, document: Any, secrets: list[str]) -> None:
-    """Write atomically, so a reader never sees half a file."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(redact(json.dumps(document, indent=2, default=str), secrets) + "\n", encoding="utf-8")
-    temporary.replace(path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
