@@ -47,6 +47,7 @@ import random
 import re
 import resource
 import runpy
+import signal
 import socket
 import ssl
 import stat
@@ -274,7 +275,7 @@ class RetryPolicy:
 
     def run(self, what: str, attempt: Callable[[], T], *, fail: type[Misp2DefenderError] = UnreachableError,
             service: str = "", stats: EndpointStats | None = None, min_wait: float = 0.0,
-            wait_with: Callable[[float], None] | None = None) -> T:
+            wait_with: Callable[[float], None] | None = None, quiet: bool = False) -> T:
         for number in itertools.count():
             try:
                 return attempt()
@@ -283,7 +284,8 @@ class RetryPolicy:
                     raise fail(f"{what} failed after {number + 1} attempts: {retry.problem}", service) from None
                 wait = max(min_wait, backoff(number) if retry.wait is None else retry.wait)
                 self.check_wait(what, wait, service)
-                log.warning("%s: %s; retrying in %.1f s", what, retry.problem, wait)
+                log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s; retrying in %.1f s",
+                        what, retry.problem, wait)
                 if stats is not None:
                     stats.retries += 1
                     stats.waited_seconds += wait
@@ -450,6 +452,8 @@ DEFAULTS: dict[str, Any] = {
     "vetted_attribute_classifier": ['course-of-action:active="deny"'],
     "remove_guard_percent": 50,
     "max_retries": 5,
+    "max_retry_wait": 300,
+    "max_run_seconds": 10800,
     "request_timeout": 60,
     "lock_file": "",
     "proxies": {},
@@ -506,6 +510,8 @@ class Settings:
     vetted_attribute_tags: frozenset[str]
     remove_guard_percent: float
     max_retries: int
+    max_retry_wait: float
+    max_run_seconds: float
     request_timeout: float
     lock_file: str
     proxies: Mapping[str, str]
@@ -514,6 +520,9 @@ class Settings:
     @property
     def has_defender_credentials(self) -> bool:
         return bool(self.tenant and self.client_id and (self.client_secret or self.client_certificate))
+
+    def retry_policy(self, deadline: Deadline) -> RetryPolicy:
+        return RetryPolicy(self.max_retries, self.max_retry_wait, deadline)
 
     @property
     def secrets(self) -> list[str]:
@@ -566,6 +575,33 @@ def _positive_int(name: str, value: Any, minimum: int = 1, maximum: int | None =
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
         raise ConfigError(f"config key {name} must be {bound}, not {value}")
     return value
+
+
+def _positive_number(name: str, value: Any) -> float:
+    _expect(name, value, (int, float), "a number of seconds")
+    if not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"config key {name} must be a positive number of seconds, not {value}")
+    return float(value)
+
+
+def _warn_if_short(name: str, secret: str) -> None:
+    if secret and len(secret) < SHORT_SECRET:
+        log.warning("config key %s is shorter than %d characters: it is redacted from output only where it "
+                    "stands as a whole word; use the full secret", name, SHORT_SECRET)
+
+
+def check_writable(name: str, path: str) -> None:
+    """A file the run will write must be writable: say so before anything is contacted."""
+    if not path:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError(f"{name} {path!r} is a directory; name a file", "files")
+    if not folder.is_dir():
+        raise ConfigError(f"{name} {path!r}: the directory {str(folder)!r} does not exist", "files")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"{name} {path!r} is not writable by this user", "files")
 
 
 def _tag_list(name: str, value: Any) -> frozenset[str]:
@@ -663,6 +699,11 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     log_file = _expect("log_file", cfg["log_file"], str, "a file path")
     lock_file = _expect("lock_file", cfg["lock_file"], str, "a file path") or str(
         Path(log_file or "misp2defender.log").with_name("misp2defender.lock"))
+    for name, path in (("log_file", log_file), ("lock_file", lock_file), ("log_json_file", cfg["log_json_file"])):
+        check_writable(f"config key {name}", _expect(name, path, str, "a file path"))
+    for name in ("misp_key", "otx_alienvault_api"):
+        _warn_if_short(name, {"misp_key": misp_key, "otx_alienvault_api": otx_key}[name])
+    _warn_if_short("graph_auth['client_secret']", client_secret)
 
     def flag(name: str) -> bool:
         return _expect(name, cfg[name], bool, "True or False")
@@ -710,6 +751,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         vetted_attribute_tags=_tag_list("vetted_attribute_classifier", cfg["vetted_attribute_classifier"]),
         remove_guard_percent=float(guard),
         max_retries=_positive_int("max_retries", cfg["max_retries"], minimum=0),
+        max_retry_wait=_positive_number("max_retry_wait", cfg["max_retry_wait"]),
+        max_run_seconds=_positive_number("max_run_seconds", cfg["max_run_seconds"]),
         request_timeout=float(timeout), lock_file=lock_file, proxies=dict(proxies),
         config_path=config_path,
     )
@@ -766,6 +809,11 @@ class MispReadStatus:
     last_page_full: bool = False
     helper_peak_rss_mib: float = 0.0  # a helper reader's own peak (each process has its own)
 
+    def fail(self, error: str) -> None:
+        self.complete = False
+        self.error = self.error or error
+        log.error("%s; nothing will be deleted in this run", error)
+
     def absorb(self, other: MispReadStatus) -> None:
         self.helper_peak_rss_mib = max(self.helper_peak_rss_mib, other.helper_peak_rss_mib)
         self.complete = self.complete and other.complete
@@ -813,10 +861,15 @@ def selection_filters(filters: Mapping[str, Any], full_sync: bool) -> dict[str, 
 
 
 class MispSource:
-    """Reads MISP through PyMISP, page by page, with bounded retries per page."""
+    """Reads MISP through PyMISP, page by page, under the run's retry policy.
 
-    def __init__(self, settings: Settings, *, helper: bool = False):
-        self.settings = settings
+    Every answer is checked against the shape MISP documents: anything else (``{}``, ``null``, a
+    message) is an error, never an empty page, because an empty page would read as "MISP holds
+    nothing any more" and deletes follow from that.
+    """
+
+    def __init__(self, settings: Settings, policy: RetryPolicy, *, helper: bool = False):
+        self.settings, self.policy = settings, policy
         self.misp = self._connect(helper)
 
     def _connect(self, helper: bool) -> Any:
@@ -829,44 +882,74 @@ class MispSource:
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
             if not helper:
                 log.warning("misp_verifycert is False: the MISP server certificate is not verified")
-        for attempt in range(s.max_retries + 1):
+
+        def attempt() -> Any:
             try:
                 return pymisp.PyMISP(s.misp_url, s.misp_key, ssl=s.misp_verifycert, timeout=s.request_timeout,
                                      proxies=s.proxies or None, tool=f"misp2defender/{__version__}")
-            except pymisp.PyMISPError as exc:
-                if "403" in str(exc) or "401" in str(exc) or "Authentication" in str(exc):
-                    raise CredentialError(f"MISP rejected the API key (misp_key) at {s.misp_url}: check the "
-                                          "key and that its user may use the API") from None
-                problem = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # requests' connection errors, TLS failures, timeouts
-                problem = f"{type(exc).__name__}: {exc}"
-            if attempt < s.max_retries:
-                time.sleep(backoff(attempt))
-        raise UnreachableError(f"MISP at {s.misp_url} is unreachable or failing: {redact(problem, s.secrets)}")
+            except Exception as exc:  # PyMISP wraps what went wrong; classify by type, not by its words
+                self._raise_or_retry(exc, "users/view/me")
 
-    def _search(self, controller: str, **query: Any) -> Any:
-        """One restSearch call, retried on server errors; a MISP error answer is raised, never empty."""
+        return self.policy.run(f"MISP at {s.misp_url}", attempt, service="misp")
+
+    def _raise_or_retry(self, exc: BaseException, probe_path: str) -> None:
+        """Turn a PyMISP failure into a typed error, or into Retry when it may pass."""
         import pymisp
 
-        last = ""
-        for attempt in range(self.settings.max_retries + 1):
+        problem = transport_problem(exc)
+        if problem == "certificate":
+            raise certificate_error("misp", self.settings.misp_url, exc) from None
+        if problem or any(isinstance(e, pymisp.MISPServerError) for e in exception_chain(exc)):
+            raise Retry(redact(f"{type(exc).__name__}: {exc}", self.settings.secrets)[:500])
+        # PyMISP's constructor reports a refused key only in its message: ask MISP for the status.
+        status = self._probe(probe_path)
+        if status in (401, 403):
+            raise CredentialError(f"MISP rejected the API key (misp_key) at {self.settings.misp_url} "
+                                  f"(HTTP {status}): check the key and that its user may use the API", "misp")
+        if status is None or status < 300 or status >= 500 or status in (408, 429):
+            raise Retry(redact(f"{type(exc).__name__}: {exc}", self.settings.secrets)[:500])
+        raise UnreachableError(redact(f"MISP at {self.settings.misp_url} answered HTTP {status} "
+                                      f"({type(exc).__name__}: {exc})", self.settings.secrets)[:500], "misp")
+
+    def _probe(self, path: str) -> int | None:
+        import requests
+
+        s = self.settings
+        try:
+            response = requests.get(s.misp_url.rstrip("/") + "/" + path, verify=s.misp_verifycert,
+                                    headers={"Authorization": s.misp_key, "Accept": "application/json"},
+                                    proxies=s.proxies or None, timeout=s.request_timeout)
+        except Exception:
+            return None
+        return response.status_code
+
+    def _search(self, controller: str, what: str, check: Callable[[Any], T], **query: Any) -> T:
+        """One restSearch call under the retry policy, its answer checked by ``check``.
+
+        A MISP error answer is raised, never taken for an empty result; an answer of the wrong
+        shape (``check`` raises AnswerError) is asked for again, then reported.
+        """
+
+        def attempt() -> T:
             try:
                 result = self.misp.search(controller=controller, return_format="json", **query)
-            except pymisp.PyMISPError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # connection reset, timeout
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if isinstance(result, dict) and "errors" in result:
-                    last = f"MISP answered {result['errors']!r}"
-                    status = result["errors"][0] if isinstance(result["errors"], (list, tuple)) else None
-                    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
-                        break  # a client error will not fix itself by retrying
-                else:
-                    return result
-            if attempt < self.settings.max_retries:
-                time.sleep(backoff(attempt))
-        raise UnreachableError(redact(last, self.settings.secrets))
+            except Exception as exc:  # connection reset, timeout, MISPServerError
+                self._raise_or_retry(exc, "servers/getVersion")
+            if isinstance(result, dict) and "errors" in result:
+                error = result["errors"]
+                status = error[0] if isinstance(error, (list, tuple)) and error and isinstance(error[0], int) else None
+                message = redact(f"MISP answered {error!r}", self.settings.secrets)[:500]
+                if status in (401, 403):
+                    raise CredentialError(f"{what}: MISP refused the API key (HTTP {status})", "misp")
+                if status is not None and 400 <= status < 500 and status not in (408, 429):
+                    raise UnreachableError(f"{what}: {message}", "misp")  # will not fix itself by retrying
+                raise Retry(message)
+            try:
+                return check(result)
+            except AnswerError as exc:
+                raise Retry(str(exc)) from None
+
+        return self.policy.run(what, attempt, service="misp")
 
     def events(self, full_sync: bool, status: MispReadStatus, extra: Mapping[str, Any] | None = None, *,
                next_page: Callable[[], int] | None = None, max_pages: int | None = None) -> Iterator[dict]:
@@ -883,40 +966,82 @@ class MispSource:
         next_page = next_page or pages.__next__
         while max_pages is None or max_pages > 0:
             page = next_page()
+            if self.policy.deadline.passed:
+                status.fail(f"MISP events page {page} not read: max_run_seconds "
+                            f"({self.settings.max_run_seconds:g} s) reached")
+                return
             query = dict(filters) if single_page else {**filters, "limit": self.settings.misp_page_size,
                                                         "page": page}
             try:
-                result = self._search("events", **query)
-            except UnreachableError as exc:
-                status.complete = False
-                status.error = f"MISP events page {page} failed: {exc}"
-                log.error("%s; nothing will be deleted in this run", status.error)
+                events = self._search("events", f"MISP events page {page}", events_of_page, **query)
+            except Misp2DefenderError as exc:
+                status.fail(str(exc))
                 return
-            events = result if isinstance(result, list) else []
-            for item in events:
-                event = item.get("Event", item) if isinstance(item, dict) else None
-                if isinstance(event, dict):
-                    status.events += 1
-                    yield event
+            for event in events:
+                status.events += 1
+                yield event
             status.last_page_full = not single_page and len(events) >= self.settings.misp_page_size
             if not status.last_page_full:
                 return
             max_pages = None if max_pages is None else max_pages - 1
 
-    def attributes_with_values(self, values: list[str]) -> list[tuple[dict, EventContext]]:
-        """Attributes the filters still select (no time window, to_ids on) carrying one of ``values``."""
+    def attributes_with_values(self, values: list[str], extra: Mapping[str, Any] | None = None
+                               ) -> list[tuple[dict, EventContext]]:
+        """Attributes the filters select (no time window, to_ids on) carrying one of ``values``.
+
+        Event tags come back on each attribute marked ``inherited``; they are split off again so
+        that the selection rules (vetting, tags) see the event as the main read does.
+        """
         filters = selection_filters(self.settings.misp_event_filters, full_sync=True)
         filters.pop("limit", None)
         filters.pop("page", None)
         found = []
         for start in range(0, len(values), 200):
-            result = self._search("attributes", value=values[start:start + 200], to_ids=1,
-                                  include_event_tags=True, **filters)
-            attributes = result.get("Attribute", []) if isinstance(result, dict) else []
-            for attribute in attributes:
-                if isinstance(attribute, dict):
-                    found.append((attribute, event_context(attribute.get("Event") or {})))
+            attributes = self._search("attributes", "MISP value check", attributes_of_answer,
+                                      value=values[start:start + 200], to_ids=1, include_event_tags=True,
+                                      **{**filters, **(extra or {})})
+            found.extend(split_inherited_tags(attribute) for attribute in attributes)
         return found
+
+
+def shape_of(value: Any) -> str:
+    """A short description of an unexpected answer, for the message (never its full content)."""
+    if isinstance(value, dict):
+        keys = ", ".join(map(str, list(value)[:5]))
+        return f"an object with keys [{keys}]" if value else "an empty object"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def events_of_page(result: Any) -> list[dict]:
+    """The events of one restSearch page; AnswerError for any other shape (never an empty page)."""
+    if not isinstance(result, list):
+        raise AnswerError(f"the answer is {shape_of(result)}, not a list of events", "misp")
+    events = []
+    for item in result:
+        event = item.get("Event", item) if isinstance(item, dict) else None
+        if not isinstance(event, dict):
+            raise AnswerError(f"an item of the answer is {shape_of(item)}, not an event", "misp")
+        events.append(event)
+    return events
+
+
+def attributes_of_answer(result: Any) -> list[dict]:
+    """The attributes of an attributes/restSearch answer; AnswerError for any other shape."""
+    attributes = result.get("Attribute") if isinstance(result, dict) else None
+    if not isinstance(attributes, list) or not all(isinstance(a, dict) for a in attributes):
+        raise AnswerError(f"the answer is {shape_of(result)}, not a list of attributes", "misp")
+    return attributes
+
+
+def split_inherited_tags(attribute: dict) -> tuple[dict, EventContext]:
+    """An attribute from attributes/restSearch (with includeEventTags) and its event's context."""
+    tags = attribute.get("Tag") if isinstance(attribute.get("Tag"), list) else []
+    own = [t for t in tags if not (isinstance(t, dict) and t.get("inherited") in (1, "1", True))]
+    inherited = {"Tag": [t for t in tags if isinstance(t, dict) and t.get("inherited") in (1, "1", True)]}
+    event = attribute.get("Event") if isinstance(attribute.get("Event"), dict) else {}
+    return {**attribute, "Tag": own}, event_context({**event, **inherited})
 
 
 # ###########################################################################################
@@ -1348,11 +1473,21 @@ def event_mapper(event: EventContext, settings: Settings,
     return map_one
 
 
+def rank(candidate: Candidate) -> tuple:
+    """One order for candidates, used both between duplicates of a key and for the tenant cap.
+
+    Strongest severity, then strongest action (Block before Audit), then latest expiry, then
+    newest attribute, then fixed tie-breaks. Because the duplicate that wins a key is also the one
+    the cap ranks, the choice never depends on which key Defender already holds nor on page order:
+    a plan over the cap settles instead of switching a value between two duplicates every run.
+    """
+    c = candidate
+    return (SEVERITY_RANK[c.severity], ACTION_RANK.get(c.action, 0), math.inf if c.expiration is None else c.expiration,
+            c.attribute_timestamp, c.event_uuid, c.attribute_type, c.category, c.comment)
+
+
 def stronger(a: Candidate, b: Candidate) -> Candidate:
-    """Of two candidates for one key: strongest severity, then latest expiry, then newest attribute."""
-    def rank(c: Candidate) -> tuple:
-        return (SEVERITY_RANK[c.severity], math.inf if c.expiration is None else c.expiration,
-                c.attribute_timestamp, c.event_uuid)
+    """Of two candidates for one key, the one ``rank`` puts first."""
     return a if rank(a) >= rank(b) else b
 
 
@@ -1378,9 +1513,8 @@ def misp_spellings(indicator_type: str, value: str) -> set[str]:
 
 
 def cap_priority(candidate: Candidate) -> tuple:
-    """Who gets the room when the tenant cap is short: High first, Block before Audit, newest."""
-    return (SEVERITY_RANK[candidate.severity], ACTION_RANK.get(candidate.action, 0),
-            candidate.attribute_timestamp, candidate.value)
+    """Who gets the room when the tenant cap is short: ``rank``, then the key itself."""
+    return (*rank(candidate), candidate.indicator_type, candidate.value)
 
 
 def indicator_json(candidate: Candidate, settings: Settings) -> dict[str, Any]:
@@ -1567,44 +1701,69 @@ def collect(events: Iterable[dict], settings: Settings, now: float,
 
 # --- Reading the whole selection: page 1 here, the rest shared with a helper when it is large ---
 
+@dataclass
+class HelperProcess:
+    """The parent's handle on a helper reader: the process and the parent's ends of its pipes."""
+
+    process: Any
+    results: Any  # the helper's bounded result comes back here
+    bounds: Any  # the keys Defender holds and the room go out here
+
+
 class SelectionReader:
     """Reads and maps every selected MISP event into a ``Desired``, in two steps.
 
-    Mapping is CPU-bound and a large MISP holds millions of attributes. So the first page is read
-    when the reader is made; when it comes back full and the machine has a second core, a helper
-    process starts at once (its PyMISP connection and first page overlap the Defender listing) and
-    then shares the remaining pages with this process: each takes the next unread page, so neither
-    waits for the other. The helper keeps a bounded ``Desired`` of its own, folded in at the end.
-    Small reads never start a process.
+    Mapping is CPU-bound and a large MISP holds millions of attributes. So ``start()`` reads the
+    first page; when it comes back full and the machine has a second core, a helper process starts
+    at once (its PyMISP connection and first page overlap the Defender listing) and then shares the
+    remaining pages with this process: each takes the next unread page, so neither waits for the
+    other. The helper keeps a bounded ``Desired`` of its own, folded in at the end. Small reads never
+    start a process. The helper never outlives this process (see ``_helper_reader``).
     """
 
-    def __init__(self, misp: MispSource, settings: Settings, full_sync: bool, now: float):
+    def __init__(self, misp: MispSource, settings: Settings, full_sync: bool, now: float, *,
+                 start_method: str | None = None, close_in_helper: Iterable[int] = ()):
         self.misp, self.settings, self.full_sync, self.now = misp, settings, full_sync, now
+        # fork is quick and shares what this process holds; a process with other threads
+        # (tests, embedding callers) must not fork, so it starts a fresh interpreter instead.
+        self.start_method = start_method or ("fork" if threading.active_count() == 1 else "spawn")
+        self.close_in_helper = tuple(close_in_helper)
         self.status = MispReadStatus()
-        self.first_page = list(misp.events(full_sync, self.status, max_pages=1))
-        self.helper: tuple[Any, Any, Any] | None = None
-        self.more = self.status.complete and self.status.last_page_full
+        self.first_page: list[dict] = []
+        self.helper: HelperProcess | None = None
+        self.more = False
         self.next_page: Callable[[], int] = itertools.count(2).__next__
+
+    def start(self) -> None:
+        """Read the first page; start the helper reader when there are more pages to share."""
+        self.first_page = list(self.misp.events(self.full_sync, self.status, max_pages=1))
+        self.more = self.status.complete and self.status.last_page_full
         if self.more and (os.cpu_count() or 1) > 1:
-            # fork is quick and shares what this process holds; a process with other threads
-            # (tests, embedding callers) must not fork, so it starts a fresh interpreter instead.
-            context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+            context = multiprocessing.get_context(self.start_method)
             counter = context.Value("i", 2)
             self.next_page = functools.partial(_claim_page, counter)
             results, results_end = context.Pipe(duplex=False)
             bounds_end, bounds = context.Pipe(duplex=False)
+            # A forked helper holds copies of every descriptor of this process: it closes the ones it
+            # must not keep (our pipe ends, the run lock). A spawned one inherits only its own ends.
+            inherited = ((results.fileno(), bounds.fileno(), *self.close_in_helper)
+                         if self.start_method == "fork" else ())
             process = context.Process(target=_helper_reader, daemon=True, args=(
-                results_end, bounds_end, counter, settings, full_sync, now))
+                results_end, bounds_end, counter, self.settings, self.full_sync, self.now, os.getpid(),
+                inherited, self.misp.policy.deadline.remaining()))
             process.start()
             results_end.close()
             bounds_end.close()
-            self.helper = (process, results, bounds)
+            self.helper = HelperProcess(process, results, bounds)
 
     def read_into(self, desired: Desired) -> MispReadStatus:
         on_event = ((lambda e: log.info("MISP event %s: %s", e.id, e.info))
                     if self.settings.write_parsed_eventid else None)
         if self.helper is not None:
-            self.helper[2].send((desired.interesting, desired.room))
+            try:
+                self.helper.bounds.send((desired.interesting, desired.room))
+            except OSError:
+                pass  # the helper is gone; _join_helper notices and marks the read incomplete
         collect(self.first_page, self.settings, self.now, on_event, desired, finish=False)
         self.first_page = []
         if self.more:
@@ -1612,39 +1771,44 @@ class SelectionReader:
                     self.settings, self.now, on_event, desired, finish=False)
         if self.helper is not None:
             self._join_helper(desired)
-        if not self.status.complete:
-            log.error("%s; nothing will be deleted in this run", self.status.error)
         desired.finish()
         return self.status
 
     def _join_helper(self, desired: Desired) -> None:
-        process, results, bounds = self.helper  # type: ignore[misc]
-        self.helper = None
+        helper, self.helper = self.helper, None
+        assert helper is not None
         try:
-            part, fingerprints, part_status, events = results.recv()
-        except (EOFError, OSError) as exc:  # the helper died: the read is incomplete
-            self.status.complete = False
-            self.status.error = self.status.error or f"MISP helper reader failed: {type(exc).__name__}"
+            # Poll, never block: a helper that hangs or dies must not hold the run past its deadline.
+            while not helper.results.poll(0.5):
+                if not helper.process.is_alive() and not helper.results.poll(0.1):
+                    raise EOFError("the helper process ended without a result")
+                if self.misp.policy.deadline.passed:
+                    raise TimeoutError("max_run_seconds reached while waiting for the helper reader")
+            part, fingerprints, part_status, events = helper.results.recv()
+        except (EOFError, OSError) as exc:  # the helper died or hung: the read is incomplete
+            self.status.fail(f"MISP helper reader failed: {type(exc).__name__}: {exc}")
         else:
             desired.absorb(part, fingerprints)
             self.status.absorb(part_status)
             for event_id, info in events:
                 log.info("MISP event %s: %s", event_id, info)
         finally:
-            results.close()
-            bounds.close()
-            process.join()
+            _stop_helper(helper)
 
     def close(self) -> None:
         """Stop a helper that will not be needed (the run failed before reading)."""
         if self.helper is not None:
-            process, results, bounds = self.helper
-            self.helper = None
-            bounds.close()  # the helper's wait for its bounds ends, and so does the helper
-            results.close()
-            process.join(5)
-            if process.is_alive():
-                process.terminate()
+            helper, self.helper = self.helper, None
+            _stop_helper(helper)
+
+
+def _stop_helper(helper: HelperProcess) -> None:
+    helper.bounds.close()  # a helper waiting for its bounds sees the end of the pipe and exits
+    helper.results.close()
+    helper.process.join(5)
+    if helper.process.is_alive():
+        helper.process.kill()
+        helper.process.join(5)
 
 
 def _claim_page(counter: Any) -> int:
@@ -1654,38 +1818,78 @@ def _claim_page(counter: Any) -> int:
     return page
 
 
-def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, full_sync: bool, now: float) -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def _bind_to_parent(parent: int, inherited: Iterable[int]) -> None:
+    """Make a helper reader die with its parent and hold nothing of the parent's.
+
+    Linux delivers SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); the parent pid is also
+    checked in the loop, for other kernels and for a parent that died before the prctl. The
+    descriptors the parent owns (its pipe ends, the run lock) are closed, and stdin/stdout/stderr
+    are pointed at /dev/null so that whoever reads the run's output sees it end with the run.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+    for descriptor in inherited:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    null = os.open(os.devnull, os.O_RDWR)
+    for standard in (0, 1, 2):
+        os.dup2(null, standard)
+    os.close(null)
+
+
+def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, full_sync: bool, now: float,
+                   parent: int, inherited: tuple[int, ...], seconds_left: float) -> None:
     """The helper process: read and map the pages it claims; send back the bounded result.
 
     It starts while the parent is still listing Defender, so it maps its first pages keeping
     every candidate, and applies the bounds (the keys Defender holds, the room) when they come.
     """
+    _bind_to_parent(parent, inherited)
     if not logging.getLogger().handlers:  # spawned: set up the log; forked: the parent's handlers came along
         setup_logging(settings, 0)
     status, events = MispReadStatus(), []
     on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
     desired = Desired()
 
+    def receive_bounds() -> None:
+        while not bounds.poll(1.0):  # bounded waits: the parent may be gone
+            if os.getppid() != parent:
+                raise EOFError
+        desired.rebound(*bounds.recv())
+
     def bounded(events_in: Iterable[dict]) -> Iterator[dict]:
         for event in events_in:
+            if os.getppid() != parent:
+                raise EOFError
             if desired.interesting is None and (bounds.poll() or len(desired.candidates) > UNBOUNDED_LIMIT):
-                desired.rebound(*bounds.recv())  # waits only if the parent is slow and we hold many
+                receive_bounds()  # waits only if the parent is slow and we hold many
             yield event
 
     try:
-        pages = MispSource(settings, helper=True).events(full_sync, status,
-                                                         next_page=functools.partial(_claim_page, counter))
+        policy = settings.retry_policy(Deadline(seconds_left))
+        pages = MispSource(settings, policy, helper=True).events(
+            full_sync, status, next_page=functools.partial(_claim_page, counter))
         collect(bounded(pages), settings, now, on_event, desired, finish=False)
         if desired.interesting is None:
-            desired.rebound(*bounds.recv())
-    except EOFError:
-        return  # the parent gave up before reading
+            receive_bounds()
+    except (EOFError, OSError):
+        return  # the parent gave up before reading, or is gone
     except Misp2DefenderError as exc:
-        status.complete, status.error = False, str(exc)
+        status.fail(str(exc))
     fingerprints = array.array("Q", desired.take_fingerprints())
     status.helper_peak_rss_mib = peak_rss_mib()
-    results.send((desired, fingerprints, status, events))
-    results.close()
+    with contextlib.suppress(OSError):
+        results.send((desired, fingerprints, status, events))
+        results.close()
 
 
 UNBOUNDED_LIMIT = 50_000  # candidates a helper may hold before it knows its bounds
@@ -1711,9 +1915,11 @@ class RateLimiter:
     """Sliding-window limits for one endpoint; also holds a not-before time set by Retry-After."""
 
     def __init__(self, name: str, limits: Iterable[tuple[int, float]], *,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 check: Callable[[float], None] | None = None):
         # A small margin: the server counts arrival times, which trail our send times.
         self.name = name
+        self.check = check  # may refuse a wait (RetryPolicy.check_wait): raises instead of sleeping
         self.limits = [(count, window * 1.02 + 0.05) for count, window in limits]
         self.sent = [deque() for _ in self.limits]
         self.not_before = 0.0
@@ -1736,6 +1942,8 @@ class RateLimiter:
                         wait = max(wait, sent[0] + window - now)
                 if wait <= 0:
                     break
+                if self.check is not None:
+                    self.check(wait)
                 log.info("Defender %s quota: waiting %.1f s", self.name, wait)
                 self.waited += wait
                 self.sleep(wait)
@@ -1767,10 +1975,20 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+# Entra's error codes (AADSTS…) that name the credential at fault; the code list is typed data.
+ENTRA_CODES = {7000215: "client secret (graph_auth['client_secret'])",
+               7000222: "client secret (graph_auth['client_secret'], expired)",
+               700016: "client id (graph_auth['client_id'])",
+               700027: "certificate (graph_auth['client_certificate'])",
+               90002: "tenant (graph_auth['tenant'])"}
+ENTRA_CREDENTIAL_ERRORS = ("invalid_client", "unauthorized_client", "invalid_request", "invalid_scope",
+                           "invalid_tenant")
+
+
 class TokenProvider:
     """An MSAL app for the client-credentials flow; MSAL caches and refreshes the token."""
 
-    def __init__(self, settings: Settings, session: Any):
+    def __init__(self, settings: Settings, session: Any, policy: RetryPolicy):
         import msal
 
         s = settings
@@ -1779,50 +1997,55 @@ class TokenProvider:
             credential = {"private_key": Path(s.client_certificate).read_text(),
                           "thumbprint": s.client_certificate_thumbprint}
         known = urlsplit(s.authority).hostname in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS
-        self.settings = settings
+        self.settings, self.policy = settings, policy
         self.scopes = [s.target_scope]
         self.stats = EndpointStats()
-        last = ""
-        for attempt in range(s.max_retries + 1):
+
+        def attempt() -> Any:
             try:
-                self.app = msal.ConfidentialClientApplication(
+                return msal.ConfidentialClientApplication(
                     s.client_id, client_credential=credential, authority=f"{s.authority}/{s.tenant}",
                     instance_discovery=known, http_client=session, timeout=s.request_timeout)
-                return
-            except ValueError as exc:  # MSAL's words for a tenant the authority does not know
+            except ValueError as exc:  # MSAL's type for a tenant the authority does not know
                 raise CredentialError(f"Entra does not know tenant graph_auth['tenant'] = {s.tenant!r} "
-                                      f"at {s.authority}: {exc}") from None
+                                      f"at {s.authority}: {exc}", "entra") from None
             except Exception as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                if attempt < s.max_retries:
-                    time.sleep(backoff(attempt))
-        raise UnreachableError(f"Entra ID at {s.authority} is unreachable: {redact(last, s.secrets)}")
+                self._raise_or_retry(exc)
+
+        self.app = policy.run(f"Entra ID at {s.authority}", attempt, service="entra")
+
+    def _raise_or_retry(self, exc: Exception) -> None:
+        import msal
+
+        problem = transport_problem(exc)
+        if problem == "certificate":
+            raise certificate_error("entra", self.settings.authority, exc) from None
+        if problem or isinstance(exc, msal.exceptions.MsalServiceError):
+            raise Retry(f"{type(exc).__name__}: {redact(str(exc), self.settings.secrets)}"[:300])
+        raise UnreachableError(f"Entra ID at {self.settings.authority} failed: {type(exc).__name__}: "
+                               f"{redact(str(exc), self.settings.secrets)}"[:500], "entra") from None
 
     def get(self) -> str:
-        last = ""
-        for attempt in range(self.settings.max_retries + 1):
+        def attempt() -> str:
             try:
                 result = self.app.acquire_token_for_client(scopes=self.scopes)
             except Exception as exc:  # MsalServiceError on 5xx, connection errors
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if "access_token" in result:
-                    if result.get("token_source") != "cache":
-                        self.stats.calls += 1  # MSAL answered from Entra, not from its cache
-                    return result["access_token"]
-                error, description = result.get("error", "?"), str(result.get("error_description", ""))
-                first_line = description.splitlines()[0] if description else ""
-                if error in ("invalid_client", "unauthorized_client", "invalid_request", "invalid_scope"):
-                    which = ("client secret (graph_auth['client_secret'])" if "7000215" in description
-                             else "client id (graph_auth['client_id'])" if "700016" in description
-                             else "Entra app credentials")
-                    raise CredentialError(f"Entra rejected the {which}: {error}: {first_line}")
-                last = f"{error}: {first_line}"
+                self.stats.calls += 1
+                self._raise_or_retry(exc)
+            if "access_token" in result:
+                if result.get("token_source") != "cache":
+                    self.stats.calls += 1  # MSAL answered from Entra, not from its cache
+                return result["access_token"]
             self.stats.calls += 1
-            self.stats.retries += 1
-            if attempt < self.settings.max_retries:
-                time.sleep(max(backoff(attempt), 1.0))
-        raise UnreachableError(f"could not get a token from Entra ID: {last}")
+            error, description = result.get("error", "?"), str(result.get("error_description", ""))
+            first_line = description.splitlines()[0] if description else ""
+            if error in ENTRA_CREDENTIAL_ERRORS:
+                codes = result.get("error_codes") if isinstance(result.get("error_codes"), list) else []
+                which = next((ENTRA_CODES[c] for c in codes if c in ENTRA_CODES), "Entra app credentials")
+                raise CredentialError(f"Entra rejected the {which}: {error}: {first_line}", "entra")
+            raise Retry(f"{error}: {first_line}")
+
+        return self.policy.run("Entra token request", attempt, service="entra", stats=self.stats, min_wait=1.0)
 
     def invalidate(self) -> None:
         self.app.remove_tokens_for_client()
@@ -1841,56 +2064,62 @@ def make_session(user_agent: str, proxies: Mapping[str, str]) -> Any:
 class DefenderClient:
     """Defender's Indicators API: HTTP, tokens, quotas and retries. Knows nothing about MISP."""
 
-    def __init__(self, settings: Settings, *, time_scale: float = 1.0, json_log: Any = None):
-        self.settings = settings
+    def __init__(self, settings: Settings, policy: RetryPolicy, *, time_scale: float = 1.0, json_log: Any = None):
+        self.settings, self.policy = settings, policy
         self.session = make_session(settings.user_agent, settings.proxies)
-        self.tokens = TokenProvider(settings, make_session(settings.user_agent, settings.proxies))
+        self.tokens = TokenProvider(settings, make_session(settings.user_agent, settings.proxies), policy)
         self.limiters = build_limiters(settings.quota_requests, time_scale)
+        for name, limiter in self.limiters.items():
+            limiter.check = functools.partial(policy.check_wait, f"Defender {name} quota", service="defender")
         self.stats: dict[str, EndpointStats] = {name: EndpointStats() for name in ENDPOINT_LIMITS}
+        self.stopped: dict[str, str] = {}  # endpoints whose remaining work is left for the next run
         self.json_log = json_log
 
     def _call(self, endpoint: str, method: str, url: str, **kwargs: Any) -> Any:
-        """Send one call under its quota; retry 429, 5xx, resets and timeouts; re-auth once on 401."""
+        """Send one call under its quota and the retry policy; re-authenticate once on a 401.
+
+        An endpoint that asked for a wait the run must not make (longer than max_retry_wait, or
+        past max_run_seconds) is not called again in this run: its work is left for the next.
+        """
         import requests
 
+        if endpoint in self.stopped:
+            raise DefenderError(self.stopped[endpoint])
         stats, limiter = self.stats[endpoint], self.limiters[endpoint]
-        attempt, reauthorised = 0, False
-        while True:
-            limiter.acquire()
-            headers = {"Authorization": f"Bearer {self.tokens.get()}"}
-            stats.calls += 1
-            problem = ""
-            wait: float | None = None
-            try:
-                response = self.session.request(method, url, headers=headers,
-                                                timeout=self.settings.request_timeout, **kwargs)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                problem = f"{type(exc).__name__}"
-            else:
+
+        def attempt() -> Any:
+            for renewed in (False, True):
+                limiter.acquire()
+                headers = {"Authorization": f"Bearer {self.tokens.get()}"}
+                stats.calls += 1
+                try:
+                    response = self.session.request(method, url, headers=headers,
+                                                    timeout=self.settings.request_timeout, **kwargs)
+                except requests.RequestException as exc:
+                    if transport_problem(exc) == "certificate":
+                        raise certificate_error("defender", self.settings.api_url, exc) from None
+                    raise Retry(type(exc).__name__) from None
                 self._log_response(method, url, response)
-                status = response.status_code
-                if status == 401 and not reauthorised:
+                if response.status_code == 401 and not renewed:
                     log.info("Defender answered 401: getting a new token and retrying once")
                     self.tokens.invalidate()
-                    reauthorised = True
                     continue
-                if status == 429:
-                    stats.throttled += 1
-                    wait = parse_retry_after(response.headers.get("Retry-After"))
-                    problem = "429 Too Many Requests"
-                elif status >= 500:
-                    problem = f"HTTP {status}"
-                    wait = parse_retry_after(response.headers.get("Retry-After"))
-                else:
-                    return response
-            if attempt >= self.settings.max_retries:
-                raise DefenderError(f"Defender {endpoint} failed after {attempt + 1} attempts: {problem}")
-            wait = backoff(attempt) if wait is None else wait
-            log.warning("Defender %s: %s; retrying in %.1f s", endpoint, problem, wait)
-            stats.retries += 1
-            stats.waited_seconds += wait
-            limiter.defer(wait)
-            attempt += 1
+                break
+            status = response.status_code
+            if status == 429:
+                stats.throttled += 1
+                raise Retry("429 Too Many Requests", parse_retry_after(response.headers.get("Retry-After")))
+            if status >= 500:
+                raise Retry(f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After")))
+            return response
+
+        try:
+            return self.policy.run(f"Defender {endpoint}", attempt, fail=DefenderError, service="defender",
+                                   stats=stats, wait_with=limiter.defer)
+        except StoppedWaiting as exc:
+            self.stopped[endpoint] = str(exc)
+            log.error("%s", exc)
+            raise DefenderError(str(exc)) from None
 
     def _log_response(self, method: str, url: str, response: Any) -> None:
         if self.json_log is None:
@@ -1917,7 +2146,7 @@ class DefenderClient:
         if response.status_code in (401, 403):
             raise CredentialError(
                 f"Defender refused {endpoint} ({detail}). Grant the Entra app the WindowsDefenderATP "
-                "application permission Ti.ReadWrite.All and an admin consent")
+                "application permission Ti.ReadWrite.All and an admin consent", "defender")
         raise DefenderError(f"Defender {endpoint} answered {response.status_code}: {detail}")
 
     def list_indicators(self, page_size: int = LIST_PAGE, limit: int | None = None) -> list[dict]:
@@ -1969,10 +2198,11 @@ class OtxClient:
     SECTIONS = {"IpAddress": None, "DomainName": "domain", "Url": "url",
                 "FileMd5": "file", "FileSha1": "file", "FileSha256": "file"}
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, policy: RetryPolicy):
         import requests.adapters
 
-        self.settings = settings
+        # One retry per lookup at most: OTX is advice, and thousands of lookups must stay quick.
+        self.settings, self.policy = settings, dataclasses.replace(policy, max_retries=min(policy.max_retries, 1))
         self.session = make_session(settings.user_agent, settings.proxies)
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=settings.otx_max_workers)
         self.session.mount("https://", adapter)
@@ -1996,17 +2226,31 @@ class OtxClient:
         path = self._path(indicator_type, value)
         if path is None:
             return False
-        self.stats.calls += 1
-        try:
-            response = self.session.get(path, headers={"X-OTX-API-KEY": self.settings.otx_key},
-                                        timeout=min(self.settings.request_timeout, 30))
+        import requests
+
+        def attempt() -> bool:
+            self.stats.calls += 1
+            try:
+                response = self.session.get(path, headers={"X-OTX-API-KEY": self.settings.otx_key},
+                                            timeout=min(self.settings.request_timeout, 30))
+            except requests.RequestException as exc:
+                raise Retry(type(exc).__name__) from None
             if response.status_code == 404:
                 return False
+            if response.status_code == 429 or response.status_code >= 500:
+                raise Retry(f"HTTP {response.status_code}", parse_retry_after(response.headers.get("Retry-After")))
             if response.status_code != 200:
-                raise ValueError(f"HTTP {response.status_code}")
-            return int(response.json().get("pulse_info", {}).get("count", 0)) > 0
-        except Exception as exc:
-            log.debug("OTX lookup of %s failed: %s", value, type(exc).__name__)
+                raise UnreachableError(f"HTTP {response.status_code}", "otx")
+            info = response.json().get("pulse_info") if isinstance(response.json(), dict) else None
+            count = info.get("count") if isinstance(info, dict) else None
+            if not isinstance(count, int):
+                raise AnswerError("the answer carries no pulse count", "otx")
+            return count > 0
+
+        try:
+            return self.policy.run(f"OTX lookup of {value}", attempt, service="otx", stats=self.stats, quiet=True)
+        except (Misp2DefenderError, ValueError) as exc:
+            log.debug("OTX lookup of %s failed: %s", value, exc)
             return None
 
     def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -2100,9 +2344,11 @@ class Plan:
     updates: list[Change] = field(default_factory=list)
     deletes: list[Deletion] = field(default_factory=list)
     replaced: list[Deletion] = field(default_factory=list)  # deleted after their successor lands
+    replaced_first: list[Deletion] = field(default_factory=list)  # no room: deleted before their successor
     keeps: Counter = field(default_factory=Counter)
-    left_out: list[Candidate] = field(default_factory=list)  # a sample when very many
-    left_out_count: int = 0
+    waiting: list[Change] = field(default_factory=list)  # left out by the cap, best first: the next in line
+    evicted: int = 0  # left out by the cap while MISP was read (only a sample is kept)
+    evicted_sample: list[Candidate] = field(default_factory=list)
     deletes_withheld: str = ""
     owned: int = 0
     foreign: int = 0
@@ -2112,10 +2358,19 @@ class Plan:
     def writes(self) -> list[Change]:
         return self.creates + self.updates
 
+    @property
+    def left_out_count(self) -> int:
+        return self.evicted + len(self.waiting)
+
+    @property
+    def left_out(self) -> list[Candidate]:
+        """What the cap left out: the ones in line first, then a sample of those dropped while reading."""
+        return [c.candidate for c in self.waiting] + self.evicted_sample
+
     def summary(self) -> dict[str, int]:
         return {"create": len(self.creates), "update": len(self.updates),
-                "delete": len(self.deletes) + len(self.replaced), "keep": sum(self.keeps.values()),
-                "left_out": self.left_out_count}
+                "delete": len(self.deletes) + len(self.replaced) + len(self.replaced_first),
+                "keep": sum(self.keeps.values()), "left_out": self.left_out_count}
 
 
 def update_reason(candidate: Candidate, existing: Existing, settings: Settings, now: float) -> str:
@@ -2146,23 +2401,40 @@ def update_reason(candidate: Candidate, existing: Existing, settings: Settings, 
     return ""
 
 
+def upsert_key(indicator_type: str, value: str, action: str) -> tuple[str, str, str]:
+    """What Defender's import matches an item on (the value case-insensitively; see the README)."""
+    return (indicator_type, value.lower(), action)
+
+
+def stale_keys(desired: Desired, existing: Iterable[Existing], full_sync: bool) -> list[tuple[str, str]]:
+    """Owned keys a plan would delete as no longer wanted: each is confirmed with MISP first."""
+    owned = {e.key for e in existing if e.owned}
+    if full_sync:
+        return sorted(key for key in owned if key not in desired.candidates)
+    return sorted(key for key in owned if key in desired.retractions)
+
+
 def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
          read_complete: bool, full_sync: bool, still_selected: frozenset = frozenset(),
          force: bool = False, now: float | None = None) -> Plan:
     """Compare what MISP wants with what Defender holds. Pure: no HTTP, no PyMISP.
 
-    ``still_selected``: retracted keys that MISP says another selected attribute still carries.
+    ``still_selected``: stale keys that MISP, asked just before planning, says a selected
+    attribute still carries; they are kept. Nothing is ever written onto an indicator another
+    application owns: Defender's import would overwrite it, since it matches on the upsert key.
     """
     now = time.time() if now is None else now
     result = Plan()
     owned: dict[tuple[str, str], list[Existing]] = {}
     foreign: set[tuple[str, str]] = set()
+    foreign_upserts: set[tuple[str, str, str]] = set()
     for item in existing:
         if item.owned:
             owned.setdefault(item.key, []).append(item)
             result.owned += 1
         else:
             foreign.add(item.key)
+            foreign_upserts.add(upsert_key(item.indicator_type, item.value, item.action))
             result.foreign += 1
 
     for key, candidate in desired.candidates.items():
@@ -2174,7 +2446,11 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
                 result.creates.append(Change(candidate, "new in MISP"))
             continue
         same_action = [e for e in mine if e.action == candidate.action]
-        if same_action:
+        if upsert_key(*key, candidate.action) in foreign_upserts:
+            # The write would land on another application's indicator: ours stays as it is.
+            result.keeps[f"another application holds {candidate.action} for this value; ours kept as is"] += 1
+            extras = [e for e in mine if e is not same_action[0]] if same_action else mine[1:]
+        elif same_action:
             keep = same_action[0]
             reason = update_reason(candidate, keep, settings, now)
             if reason:
@@ -2191,12 +2467,11 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
             extras = mine[1:]
         result.deletes.extend(Deletion(e.id, *key, "duplicate of an owned indicator") for e in extras)
 
-    if full_sync:
-        stale = [(key, "not selected in MISP any more") for key in owned if key not in desired.candidates]
-    else:
-        stale = [(key, f"retracted: {desired.retractions[key]}") for key in owned
-                 if key in desired.retractions and key not in still_selected]
-    for key, reason in stale:
+    for key in stale_keys(desired, existing, full_sync):
+        if key in still_selected:
+            result.keeps["still carried by a selected MISP attribute"] += 1
+            continue
+        reason = "not selected in MISP any more" if full_sync else f"retracted: {desired.retractions[key]}"
         result.deletes.extend(Deletion(e.id, *key, reason) for e in owned[key])
 
     _guard_deletes(result, settings, read_complete=read_complete, force=force)
@@ -2205,20 +2480,26 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
 
 
 def _apply_cap(result: Plan, desired: Desired, settings: Settings) -> None:
-    """Room = the cap minus active foreign indicators; plain creates over the room are left out."""
+    """Room = the cap minus active foreign indicators; what does not fit waits, best first.
+
+    Replacements (action changes) come first: each needs a slot while its old indicator still
+    counts. Those with no slot delete their old indicator first (a short gap in protection, but
+    the change lands). New values get what is left, by ``cap_priority``.
+    """
     result.room = settings.max_indicators - result.foreign
     staying = result.owned - len(result.deletes)  # replaced ones still count until their successor lands
     free = max(result.room - staying, 0)
-    new = [c for c in result.creates if not c.replaces]
-    result.left_out = list(desired.evicted_sample)
-    result.left_out_count = desired.evicted
-    if len(new) <= free:
-        return
-    new.sort(key=lambda c: cap_priority(c.candidate), reverse=True)
-    kept = {id(c) for c in new[:free]}
-    result.left_out += [c.candidate for c in new[free:]]
-    result.left_out_count += len(new) - free
-    result.creates = [c for c in result.creates if c.replaces or id(c) in kept]
+    replacements = sorted((c for c in result.creates if c.replaces), key=lambda c: cap_priority(c.candidate),
+                          reverse=True)
+    new = sorted((c for c in result.creates if not c.replaces), key=lambda c: cap_priority(c.candidate),
+                 reverse=True)
+    without_slot = {c.replaces for c in replacements[free:]}
+    result.replaced_first = [d for d in result.replaced if d.id in without_slot]
+    result.replaced = [d for d in result.replaced if d.id not in without_slot]
+    free = max(free - len(replacements), 0)
+    result.creates = replacements + new[:free]
+    result.waiting = new[free:]
+    result.evicted, result.evicted_sample = desired.evicted, list(desired.evicted_sample)
 
 
 def _guard_deletes(result: Plan, settings: Settings, *, read_complete: bool, force: bool) -> None:
@@ -2240,10 +2521,16 @@ def _guard_deletes(result: Plan, settings: Settings, *, read_complete: bool, for
 
 
 def exclude_known(result: Plan, known: set[tuple[str, str]]) -> int:
-    """Drop plain creates whose value OTX already knows (exclude_if_in_alienvault); count them."""
-    before = len(result.creates)
+    """Drop new creates whose value OTX already knows; the next in line take their slots. Count them."""
+    dropped = [c for c in result.creates if not c.replaces and c.candidate.key in known]
+    if not dropped:
+        return 0
     result.creates = [c for c in result.creates if c.replaces or c.candidate.key not in known]
-    return before - len(result.creates)
+    waiting = [c for c in result.waiting if c.candidate.key not in known]  # known values are skipped, not left out
+    removed_waiting = len(result.waiting) - len(waiting)
+    result.creates += waiting[:len(dropped)]
+    result.waiting = waiting[len(dropped):]
+    return len(dropped) + removed_waiting
 
 
 # ###########################################################################################
@@ -2293,9 +2580,14 @@ class Report:
             log.info("%s took %.2f s", name.replace("_", " "), self.phases[name])
 
     @property
+    def wrote(self) -> bool:
+        return bool(self.created or self.updated or self.deleted)
+
+    @property
     def exit_code(self) -> int:
         if self.fatal:
-            return self.fatal_code
+            # 2 promises "nothing changed": a run that fails after writing says 1.
+            return EXIT_INCOMPLETE if self.fatal_code == EXIT_CANNOT_PROCEED and self.wrote else self.fatal_code
         if self.failed or self.left_out or self.misp_error or self.deletes_withheld:
             return EXIT_INCOMPLETE
         return EXIT_OK
@@ -2363,15 +2655,22 @@ class Report:
 
 
 def apply_plan(the_plan: Plan, client: DefenderClient, settings: Settings, report: Report) -> None:
-    """Deletes first (they free room under the cap), then imports, then superseded indicators."""
-    _delete(the_plan.deletes, client, report)
+    """Deletes first (they free room under the cap), then imports, then superseded indicators.
+
+    No batch starts after max_run_seconds: what is left is reported and the next run does it.
+    """
+    deadline = client.policy.deadline
+    _delete(the_plan.deletes + the_plan.replaced_first, client, report, deadline)
     landed_replacements: set[str] = set()
     updates = {id(change) for change in the_plan.updates}
     for batch in chunks(the_plan.writes, settings.max_indicators_per_query):
         items = [indicator_json(change.candidate, settings) for change in batch]
         try:
+            if deadline.passed:
+                raise StoppedWaiting(f"not sent: max_run_seconds ({deadline.seconds:g} s) reached; "
+                                     "left for the next run")
             results = client.import_batch(items)
-        except DefenderError as exc:
+        except (DefenderError, StoppedWaiting) as exc:
             report.failed.extend({"type": c.candidate.indicator_type, "value": c.candidate.value,
                                   "reason": str(exc)} for c in batch)
             log.error("%s; %d indicators not written (the next run retries them)", exc, len(batch))
@@ -2381,7 +2680,7 @@ def apply_plan(the_plan: Plan, client: DefenderClient, settings: Settings, repor
             result = results[position] if position < len(results) and isinstance(results[position], dict) else None
             if result is None or str(result.get("indicator", "")).lower() != change.candidate.value.lower():
                 result = by_value.get(change.candidate.value.lower())
-            if result is None or result.get("isFailed"):
+            if result is None or result.get("isFailed") is not False:
                 reason = (result or {}).get("failureReason") or "no result for this item"
                 report.failed.append({"type": change.candidate.indicator_type, "value": change.candidate.value,
                                       "reason": str(reason)})
@@ -2391,13 +2690,16 @@ def apply_plan(the_plan: Plan, client: DefenderClient, settings: Settings, repor
                 report.created += 1
                 if change.replaces:
                     landed_replacements.add(change.replaces)
-    _delete([d for d in the_plan.replaced if d.id in landed_replacements], client, report)
+    _delete([d for d in the_plan.replaced if d.id in landed_replacements], client, report, deadline)
 
 
-def _delete(deletions: list[Deletion], client: DefenderClient, report: Report) -> None:
+def _delete(deletions: list[Deletion], client: DefenderClient, report: Report, deadline: Deadline) -> None:
     for batch in chunks(deletions, BATCH_LIMIT):
         ids = [d.id for d in batch]
         try:
+            if deadline.passed:
+                raise StoppedWaiting(f"not sent: max_run_seconds ({deadline.seconds:g} s) reached; "
+                                     "left for the next run")
             status = client.batch_delete(ids)
             if status == 404:
                 # Some ids are gone already (expired, or deleted by hand): recheck, don't retry blindly.
@@ -2409,7 +2711,7 @@ def _delete(deletions: list[Deletion], client: DefenderClient, report: Report) -
             report.deleted += len(ids)
             gone = set(ids)
             report.deleted_by_reason.update(d.reason for d in batch if d.id in gone)
-        except DefenderError as exc:
+        except (DefenderError, StoppedWaiting) as exc:
             report.failed.extend({"type": d.indicator_type, "value": d.value, "reason": f"delete: {exc}"}
                                  for d in batch)
             log.error("%s", exc)
@@ -2438,6 +2740,8 @@ def format_plan(the_plan: Plan, limit: int = 200) -> str:
     section("~ update", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.updates])
     section("- delete", [f"{d.indicator_type} {d.value} (id {d.id}) — {d.reason}"
                          for d in the_plan.deletes + the_plan.replaced])
+    section("- delete first, no room to replace in place", [f"{d.indicator_type} {d.value} (id {d.id}) — {d.reason}"
+                                                            for d in the_plan.replaced_first])
     section("! left out (tenant cap)", [describe(c) for c in the_plan.left_out])
     if the_plan.deletes_withheld:
         lines.append(f"! deletes withheld: {the_plan.deletes_withheld}")
@@ -2517,7 +2821,7 @@ class JsonLog:
 
     def __call__(self, entry: dict) -> None:
         with self.lock:
-            self.handle.write(redact(json.dumps(entry, default=str), self.secrets) + "\n")
+            self.handle.write(json.dumps(redact_data(entry, self.secrets), default=str) + "\n")
 
     def close(self) -> None:
         self.handle.close()
@@ -2552,47 +2856,44 @@ def time_scale_from_environment() -> float:
         return 1.0
 
 
-def run(settings: Settings, args: argparse.Namespace, report: Report) -> None:
+def run(settings: Settings, args: argparse.Namespace, report: Report, deadline: Deadline,
+        close_in_helper: Iterable[int] = ()) -> None:
     """One sync: read MISP, list Defender, plan, apply (unless dry run)."""
     dry_run = args.dry_run or settings.dry_run
     report.dry_run, report.full_sync = dry_run, args.full_sync
     json_log = JsonLog(settings.log_json_file, settings.secrets) if settings.log_json_file else None
+    policy = settings.retry_policy(deadline)
     reader: SelectionReader | None = None
     try:
-        misp = MispSource(settings)
+        misp = MispSource(settings, policy)
         client = None
         if settings.has_defender_credentials and (settings.check_existing or not dry_run):
-            client = DefenderClient(settings, time_scale=time_scale_from_environment(), json_log=json_log)
-            client.tokens.get()  # a bad secret stops the run before any MISP paging
+            client = DefenderClient(settings, policy, time_scale=time_scale_from_environment(), json_log=json_log)
             report.api = {**client.stats, "token": client.tokens.stats}
+            client.tokens.get()  # a bad secret stops the run before any MISP paging
 
         # MISP's first page first (a large read starts its helper now), then Defender: its
         # listing (≤ 15,000) says which MISP keys need full records.
+        reader = SelectionReader(misp, settings, args.full_sync, time.time(), close_in_helper=close_in_helper)
         with report.phase("misp_first_page"):
-            reader = SelectionReader(misp, settings, args.full_sync, time.time())
+            reader.start()
         existing = list_existing(client, settings, report)
         foreign = sum(1 for e in existing if not e.owned)
+        room = max(settings.max_indicators - foreign, 0)
+        # OTX-known values are dropped before the cap: keep a second room's worth in line for their slots.
         desired = Desired(interesting=frozenset(e.key for e in existing),
-                          room=max(settings.max_indicators - foreign, 0))
+                          room=room * 2 if settings.exclude_if_in_alienvault else room)
         with report.phase("misp_read_and_map"):
             status = reader.read_into(desired)
         report.record_read(desired, status)
 
-        still_selected: frozenset = frozenset()
-        owned_keys = {e.key for e in existing if e.owned}
-        to_check = [k for k in desired.retractions if k in owned_keys]
-        if to_check and status.complete and not args.full_sync:
-            try:
-                still_selected = still_selected_keys(misp, to_check, settings)
-            except UnreachableError as exc:
-                status.complete, status.error = False, f"MISP value check failed: {exc}"
+        still_selected = confirm_with_misp(misp, stale_keys(desired, existing, args.full_sync), settings, status)
         report.misp_error = status.error
-
         with report.phase("plan"):
             the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
                             still_selected=still_selected, force=args.force)
         if settings.exclude_if_in_alienvault and the_plan.creates:
-            exclude_known_to_otx(the_plan, settings, report)
+            exclude_known_to_otx(the_plan, settings, policy, report)
         report.record_plan(the_plan, settings)
         if settings.write_parsed_indicators:
             write_json(parsed_indicators_path(settings),
@@ -2623,21 +2924,44 @@ def list_existing(client: DefenderClient | None, settings: Settings, report: Rep
                             for i in client.list_indicators()) if e is not None]
 
 
-def exclude_known_to_otx(the_plan: Plan, settings: Settings, report: Report) -> None:
-    """exclude_if_in_alienvault: drop the creates OTX already knows; an OTX failure never stops the run."""
-    otx = OtxClient(settings)
-    known = otx.known(c.candidate.key for c in the_plan.creates if not c.replaces)
-    report.skipped["known in AlienVault OTX"] += exclude_known(the_plan, known)
+def exclude_known_to_otx(the_plan: Plan, settings: Settings, policy: RetryPolicy, report: Report) -> None:
+    """exclude_if_in_alienvault: drop the creates OTX knows, before the cap; an OTX failure never stops the run.
+
+    Values waiting behind the cap take the slots of the ones dropped, and are looked up in turn.
+    """
+    otx = OtxClient(settings, policy)
+    looked_up: set[tuple[str, str]] = set()
+    while todo := [c.candidate.key for c in the_plan.creates if not c.replaces and c.candidate.key not in looked_up]:
+        looked_up.update(todo)
+        report.skipped["known in AlienVault OTX"] += exclude_known(the_plan, otx.known(todo))
     report.otx_errors = otx.errors
     report.api["otx"] = otx.stats
     if otx.errors:
         log.warning("OTX: %d lookups failed; those indicators are pushed anyway", otx.errors)
 
 
-def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings: Settings) -> frozenset:
-    """Retracted keys that another attribute selected by the filters still carries (asks MISP).
+def confirm_with_misp(misp: MispSource, keys: list[tuple[str, str]], settings: Settings,
+                      status: MispReadStatus) -> frozenset:
+    """Ask MISP, just before planning deletes, which of these keys a selected attribute still carries.
 
-    MISP matches values as written, so each key is asked for in the spellings MISP may hold it in.
+    Paging by offset can miss an event that moved between pages while the read went on; this
+    check does not depend on paging, so a value MISP still selects is never deleted. When the
+    check fails the read counts as incomplete, and nothing is deleted.
+    """
+    if not keys or not status.complete:
+        return frozenset()
+    try:
+        return still_selected_keys(misp, keys, settings)
+    except Misp2DefenderError as exc:
+        status.fail(f"MISP value check failed: {exc}")
+        return frozenset()
+
+
+def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings: Settings) -> frozenset:
+    """Keys that an attribute selected by the filters still carries (asks MISP).
+
+    MISP matches values as written, so each key is asked for in the spellings MISP may hold it in;
+    each attribute found goes through the same mapping (vetting, to_ids, type rules) as the read.
     """
     values = sorted({spelling for key in keys for spelling in misp_spellings(*key)})
     found = set()
@@ -2651,9 +2975,11 @@ def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings:
 
 FIXES = {
     "config": "edit the named key in config.py (see config.py.default and the README)",
+    "files": "create the directory, or make it writable by the user the run starts as, or change the key",
     "misp_key": "create an API key for a user that may read events (MISP: Administration → List Auth Keys) "
                 "and set misp_key",
     "misp_reach": "check misp_domain (with a trailing / for a sub-path), the network path and misp_verifycert",
+    "misp_server": "MISP itself failed: see MISP's error log (Administration → Logs, or app/tmp/logs/error.log)",
     "entra": "check graph_auth: tenant = Directory ID, client_id = Application ID, client_secret = the secret "
              "*value* (not its ID), or the certificate and its thumbprint",
     "entra_reach": "allow HTTPS to the login host (graph_auth['authority']) or set proxies / HTTPS_PROXY",
@@ -2661,7 +2987,25 @@ FIXES = {
                 "permission Ti.ReadWrite.All, then 'Grant admin consent'",
     "defender_reach": "allow HTTPS to defender_api_url or set proxies / HTTPS_PROXY",
     "otx": "check otx_alienvault_api (OTX → Settings → API key) and HTTPS to otx_alienvault_url",
+    "certificate": "trust the CA that signed the certificate: REQUESTS_CA_BUNDLE for Microsoft hosts behind a "
+                   "TLS-inspecting proxy, misp_verifycert = '/path/to/ca.pem' for MISP",
 }
+SERVICE_NAMES = {"misp": "MISP", "entra": "Entra", "defender": "Defender", "otx": "OTX", "files": "files",
+                 "config": "config", "lock": "lock"}
+
+
+def fix_for(exc: Misp2DefenderError) -> str:
+    """The fix for an error, chosen by its type and the service at fault (never by its words)."""
+    service = exc.service or "config"
+    if isinstance(exc, CertificateError):
+        return FIXES["certificate"]
+    if isinstance(exc, CredentialError):
+        return FIXES.get({"misp": "misp_key"}.get(service, service), FIXES["config"])
+    if isinstance(exc, ServerError) and service == "misp":
+        return FIXES["misp_server"]
+    if isinstance(exc, (UnreachableError, DefenderError, StoppedWaiting)):
+        return FIXES.get(f"{service}_reach", FIXES.get(service, ""))
+    return FIXES.get(service, FIXES["config"])
 
 
 def token_roles(token: str) -> list[str]:
@@ -2680,51 +3024,53 @@ def token_roles(token: str) -> list[str]:
 def run_check(config_path: str) -> int:
     """--check: prove the setup works, step by step, without writing anything anywhere."""
     rows: list[tuple[bool, str, str]] = []
-    logging.getLogger("pymisp").setLevel(logging.CRITICAL)  # the checklist says it better
 
     def row(ok: bool, text: str, fix: str = "") -> bool:
         rows.append((ok, text, fix))
         return ok
 
+    def failed(exc: Misp2DefenderError) -> None:
+        row(False, f"{SERVICE_NAMES.get(exc.service, exc.service or 'config')}: {exc}", fix_for(exc))
+
+    # PyMISP logs its own errors (a 5xx with the request's headers); the checklist says it better.
+    pymisp_log = logging.getLogger("pymisp")
+    pymisp_log.addHandler(logging.NullHandler())
+    pymisp_log.propagate = False
+    settings: Settings | None = None
     try:
         settings = build_settings(load_config_module(config_path), config_path=config_path)
         row(True, f"config: {config_path} is valid")
     except ConfigError as exc:
-        settings = None
-        row(False, f"config: {exc}", FIXES["config"])
+        failed(exc)
     if settings is not None:
         settings = dataclasses.replace(settings, max_retries=min(settings.max_retries, 1))
+        policy = settings.retry_policy(Deadline(settings.max_run_seconds))
         try:
-            misp = MispSource(settings)
+            misp = MispSource(settings, policy)
             version = (misp.misp.misp_instance_version or {}).get("version", "?")
             row(True, f"MISP: {settings.misp_url} answers (MISP {version}) and accepts the API key")
             status = MispReadStatus()
             counted = sum(1 for _ in misp.events(False, status, extra={"metadata": True}))
             row(status.complete, f"MISP: {counted} events match misp_event_filters"
                 if status.complete else f"MISP: {status.error}", FIXES["misp_reach"])
-        except CredentialError as exc:
-            row(False, f"MISP: {exc}", FIXES["misp_key"])
-        except UnreachableError as exc:
-            row(False, f"MISP: {exc}", FIXES["misp_reach"])
+        except Misp2DefenderError as exc:
+            failed(exc)
         if not settings.has_defender_credentials:
             row(False, "Entra: graph_auth has no credentials", FIXES["entra"])
         else:
             try:
-                client = DefenderClient(settings)
+                client = DefenderClient(settings, policy)
                 roles = token_roles(client.tokens.get())
                 row(True, f"Entra: token issued for {settings.target_scope}"
                     + (f" (roles: {', '.join(roles)})" if roles else ""))
                 client.list_indicators(page_size=1, limit=1)
                 row(True, f"Defender: {settings.api_url} lets this app read indicators")
-            except CredentialError as exc:
-                stage = "Defender" if "Defender" in str(exc) else "Entra"
-                row(False, f"{stage}: {exc}", FIXES["defender" if stage == "Defender" else "entra"])
-            except (UnreachableError, DefenderError) as exc:
-                stage = "Entra" if "Entra" in str(exc) or "token" in str(exc) else "Defender"
-                row(False, f"{stage}: {exc}", FIXES["entra_reach" if stage == "Entra" else "defender_reach"])
+            except Misp2DefenderError as exc:
+                failed(exc)
         if settings.exclude_if_in_alienvault:
-            problem = OtxClient(settings).check_key()
+            problem = OtxClient(settings, policy).check_key()
             row(not problem, f"OTX: {problem or 'the API key works'}", FIXES["otx"])
+    pymisp_log.propagate = True
     secrets = settings.secrets if settings else []
     print("misp2defender --check")
     for ok, text, fix in rows:
@@ -2736,6 +3082,14 @@ def run_check(config_path: str) -> int:
     return EXIT_OK if passed else EXIT_CANNOT_PROCEED
 
 
+class Terminated(Exception):
+    """SIGTERM (timeout, systemctl stop): unwind like an interrupt, so a helper reader is stopped."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(f"stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.check:
@@ -2743,29 +3097,36 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     handlers: list[logging.Handler] = []
     settings: Settings | None = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         raw = load_config_module(args.config)
         settings = build_settings(raw, config_path=args.config, dry_run=args.dry_run)
+        if args.report:
+            check_writable("--report", args.report)
+        deadline = Deadline(settings.max_run_seconds)
         handlers = setup_logging(settings, args.verbose)
         warn_if_config_exposes_secrets(args.config, raw)
         if args.dry_run or settings.dry_run:
-            run(settings, args, report)
+            run(settings, args, report, deadline)
         else:
-            with RunLock(settings.lock_file):
-                run(settings, args, report)
+            with RunLock(settings.lock_file) as lock:
+                run(settings, args, report, deadline, close_in_helper=[lock.handle.fileno()])
     except Misp2DefenderError as exc:
         report.fatal, report.fatal_code = str(exc), exc.exit_code
         if not handlers:
             handlers = setup_logging(settings, args.verbose)
         log.error("%s", exc)
-    except KeyboardInterrupt:
-        report.fatal, report.fatal_code = "interrupted", EXIT_INCOMPLETE
+    except (KeyboardInterrupt, Terminated) as exc:
+        report.fatal, report.fatal_code = f"interrupted ({exc or 'Ctrl-C'})", EXIT_INCOMPLETE
     except Exception as exc:  # a bug or an unforeseen answer: say so, redacted, and let cron see it
         report.fatal, report.fatal_code = f"unexpected {type(exc).__name__}: {exc}", EXIT_INCOMPLETE
         if not handlers:
             handlers = setup_logging(settings, args.verbose)
         log.exception("unexpected error; the next run starts again from MISP and Defender")
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         report.finished = time.time()
         secrets = settings.secrets if settings else []
         if report.fatal:
@@ -2775,7 +3136,8 @@ def main(argv: list[str] | None = None) -> int:
             print(redact(report.table(), secrets))
         log.info("%s", report.summary_line())
         if args.report:
-            write_json(args.report, report.as_dict(), secrets)
+            with contextlib.suppress(OSError, ConfigError):
+                write_json(args.report, report.as_dict(), secrets)
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()

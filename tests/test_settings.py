@@ -128,5 +128,6 @@ def test_explicit_urls_win_over_the_cloud_preset() -> None:
 
 
 def test_lock_file_defaults_beside_the_log_file(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
     s = make_settings(log_file=str(tmp_path / "logs" / "m2d.log"))
     assert s.lock_file == str(tmp_path / "logs" / "misp2defender.lock")
