@@ -516,6 +516,7 @@ class Settings:
     lock_file: str
     proxies: Mapping[str, str]
     config_path: str = ""
+    notes: tuple[str, ...] = ()  # config warnings: likely typos, short secrets
 
     @property
     def has_defender_credentials(self) -> bool:
@@ -584,10 +585,10 @@ def _positive_number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _warn_if_short(name: str, secret: str) -> None:
+def _warn_if_short(name: str, secret: str, notes: list[str]) -> None:
     if secret and len(secret) < SHORT_SECRET:
-        log.warning("config key %s is shorter than %d characters: it is redacted from output only where it "
-                    "stands as a whole word; use the full secret", name, SHORT_SECRET)
+        notes.append(f"config key {name} is shorter than {SHORT_SECRET} characters: it is redacted from output "
+                     "only where it stands as a whole word; use the full secret")
 
 
 def check_writable(name: str, path: str) -> None:
@@ -618,14 +619,15 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     Runs before any network call: every mistake here names the config key that is wrong.
     """
     environ = os.environ if environ is None else environ
+    notes: list[str] = []  # warnings, logged once logging is set up (Settings.notes)
     unknown = sorted(set(raw) - set(DEFAULTS))
     for name in unknown:
-        log.warning("config key %s is not a misp2defender setting (a typo?); it is ignored", name)
+        notes.append(f"config key {name} is not a misp2defender setting (a typo?); it is ignored")
     cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in DEFAULTS}}
 
     auth = _expect("graph_auth", cfg["graph_auth"], dict, "a dict")
-    for key in set(auth) - set(GRAPH_AUTH_KEYS):
-        log.warning("config key graph_auth['%s'] is not known (a typo?); it is ignored", key)
+    for key in sorted(set(auth) - set(GRAPH_AUTH_KEYS)):
+        notes.append(f"config key graph_auth['{key}'] is not known (a typo?); it is ignored")
     auth_values = {}
     for key in GRAPH_AUTH_KEYS:
         auth_values[key] = _expect(f"graph_auth['{key}']", auth.get(key) or "", str, "a string").strip()
@@ -702,8 +704,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     for name, path in (("log_file", log_file), ("lock_file", lock_file), ("log_json_file", cfg["log_json_file"])):
         check_writable(f"config key {name}", _expect(name, path, str, "a file path"))
     for name in ("misp_key", "otx_alienvault_api"):
-        _warn_if_short(name, {"misp_key": misp_key, "otx_alienvault_api": otx_key}[name])
-    _warn_if_short("graph_auth['client_secret']", client_secret)
+        _warn_if_short(name, {"misp_key": misp_key, "otx_alienvault_api": otx_key}[name], notes)
+    _warn_if_short("graph_auth['client_secret']", client_secret, notes)
 
     def flag(name: str) -> bool:
         return _expect(name, cfg[name], bool, "True or False")
@@ -754,7 +756,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         max_retry_wait=_positive_number("max_retry_wait", cfg["max_retry_wait"]),
         max_run_seconds=_positive_number("max_run_seconds", cfg["max_run_seconds"]),
         request_timeout=float(timeout), lock_file=lock_file, proxies=dict(proxies),
-        config_path=config_path,
+        config_path=config_path, notes=tuple(notes),
     )
 
 
@@ -1492,24 +1494,36 @@ def stronger(a: Candidate, b: Candidate) -> Candidate:
 
 
 def misp_spellings(indicator_type: str, value: str) -> set[str]:
-    """Ways MISP may hold a normalised value: as is, defanged, IPv6 compressed, with a final dot."""
+    """Ways MISP may hold a normalised value: as is, defanged, IPv6 compressed, with a final dot, IDN."""
     spellings = {value}
     if indicator_type in HEX_LENGTH:
         spellings.add(value.upper())
     elif indicator_type == "IpAddress" and ":" in value:
         spellings.add(ipaddress.ip_address(value).compressed)
     elif indicator_type == "DomainName":
-        spellings |= {f"{value}.", value.replace(".", "[.]")}
+        for name in {value, _unicode_host(value)}:
+            spellings |= {name, f"{name}.", name.replace(".", "[.]")}
     elif indicator_type == "Url":
         scheme, separator, rest = value.partition("://")
         host, slash, path = rest.partition("/") if separator else value.partition("/")
-        defanged_host = host.replace(".", "[.]")
-        if separator:
-            for shown in {scheme, scheme.replace("http", "hxxp")}:
-                spellings |= {f"{shown}://{host}{slash}{path}", f"{shown}://{defanged_host}{slash}{path}"}
-        else:
-            spellings.add(f"{defanged_host}{slash}{path}")
+        for shown_host in {host, _unicode_host(host)}:
+            defanged_host = shown_host.replace(".", "[.]")
+            if separator:
+                for shown in {scheme, scheme.replace("http", "hxxp")}:
+                    spellings |= {f"{shown}://{shown_host}{slash}{path}", f"{shown}://{defanged_host}{slash}{path}"}
+            else:
+                spellings |= {f"{shown_host}{slash}{path}", f"{defanged_host}{slash}{path}"}
     return spellings
+
+
+def _unicode_host(host: str) -> str:
+    """An IDN host as its author wrote it (MISP may hold either form); the host itself otherwise."""
+    if "xn--" not in host:
+        return host
+    try:
+        return host.encode("ascii").decode("idna")
+    except UnicodeError:
+        return host
 
 
 def cap_priority(candidate: Candidate) -> tuple:
@@ -2556,6 +2570,7 @@ class Report:
     deleted: int = 0
     deleted_by_reason: Counter = field(default_factory=Counter)
     kept: int = 0
+    kept_by_reason: Counter = field(default_factory=Counter)
     left_out: int = 0
     failed: list[dict] = field(default_factory=list)
     rejected_items: list[dict] = field(default_factory=list)
@@ -2613,6 +2628,7 @@ class Report:
 
     def record_plan(self, the_plan: Plan, settings: Settings) -> None:
         self.kept, self.left_out = sum(the_plan.keeps.values()), the_plan.left_out_count
+        self.kept_by_reason = Counter(the_plan.keeps)
         self.left_out_items = [{"type": c.indicator_type, "value": c.value, "severity": c.severity,
                                 "action": c.action, "event_id": c.event_id} for c in the_plan.left_out]
         self.deletes_withheld = the_plan.deletes_withheld
@@ -2646,7 +2662,7 @@ class Report:
                        "deleted": self.deleted, "kept": self.kept, "left_out": self.left_out,
                        "failed": len(self.failed), "rejected": sum(self.rejected.values())},
             "rejected_by_reason": dict(self.rejected), "skipped_by_reason": dict(self.skipped),
-            "deleted_by_reason": dict(self.deleted_by_reason),
+            "deleted_by_reason": dict(self.deleted_by_reason), "kept_by_reason": dict(self.kept_by_reason),
             "failed": self.failed, "rejected_items": self.rejected_items, "left_out_items": self.left_out_items,
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
             "otx_errors": self.otx_errors, "phase_seconds": self.phases,
@@ -3082,7 +3098,7 @@ def run_check(config_path: str) -> int:
     return EXIT_OK if passed else EXIT_CANNOT_PROCEED
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM (timeout, systemctl stop): unwind like an interrupt, so a helper reader is stopped."""
 
 
@@ -3106,6 +3122,8 @@ def main(argv: list[str] | None = None) -> int:
             check_writable("--report", args.report)
         deadline = Deadline(settings.max_run_seconds)
         handlers = setup_logging(settings, args.verbose)
+        for note in settings.notes:
+            log.warning("%s", note)
         warn_if_config_exposes_secrets(args.config, raw)
         if args.dry_run or settings.dry_run:
             run(settings, args, report, deadline)
