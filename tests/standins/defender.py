@@ -21,21 +21,63 @@ failure can be traced to a deliberate choice:
   true|false`` joined by ``and``; anything else is a 400 ODataError here.
 * Without ``$top`` at most 10,000 rows are returned (as cudeso observed).
 * Quotas are per (endpoint, client id); a request arriving before the
-  Retry-After it was given on the same endpoint is noted in ``early_retries``.
+  Retry-After it was given (with a 429 or 503) on the same endpoint is noted
+  in ``early_retries``; Retry-After may be seconds or an HTTP date (RFC 9110).
+* ``timestamp_style`` (None by default: times are printed as stored, 6 or 0
+  fractional digits and ``Z``) reprints ``expirationTime``,
+  ``creationTimeDateTimeUtc`` and ``lastUpdateTime`` of listed and submitted
+  indicators with a fixed number of fractional digits (1-7, truncated like
+  .NET's ``fffffff``; a 7th digit the store lacks prints as 0) and ``Z`` or an
+  explicit offset. The instant is the same whatever the offset.
+
+Alerts (shared/reference/defender-alerts-api.md, get-alerts.md,
+get-alert-info-by-id.md). Readings chosen where the docs are silent:
+
+* ``$filter`` is narrower than the documented field list, on purpose:
+  ``lastUpdateTime``/``alertCreationTime`` with ``ge``/``gt`` and an unquoted
+  OData DateTimeOffset literal (seconds optional, 1-12 fractional digits, ``Z``
+  or ``+hh:mm``; a quoted string or a bare date is a type error), and
+  ``detectionSource eq '...'`` (case-sensitive), joined by ``and``. Anything
+  else, and any ``$`` option other than ``$filter/$top/$skip/$expand`` (so
+  ``$orderby`` too: it is not in the supported list), is a 400 ODataError.
+  Times compare as instants at 100 ns (tick) precision, so a 7th fractional
+  digit counts. A stored time that is missing or unparseable never satisfies
+  a comparison (OData null semantics).
+* ``$expand=evidence`` (exactly that) fills ``evidence``; otherwise every
+  alert that has an ``evidence`` key shows ``[]``. The single-alert GET always
+  includes the evidence, as its documented example does.
+* Order is not documented; alerts are served in id (string) order, which for
+  generated ids is creation order. Clients must not rely on it.
+* No ``@odata.nextLink`` (microsoft-365-docs#8489) unless ``next_link`` is on;
+  without ``$top`` at most 10,000 rows, as for indicators.
+* Retention: only alerts whose ``lastUpdateTime`` is within
+  ``alert_retention_days`` (wall clock, not scaled by ``time_scale``) are
+  listed or fetched (404 otherwise); an alert whose ``lastUpdateTime`` is
+  missing or unparseable is kept, so hostile shapes stay visible.
+* The stand-in serves alerts exactly as stored (``add_alert`` accepts any
+  shape); only datetime objects given to ``add_alert``/``update_alert`` are
+  turned into text. Generated times have 7 fractional digits and ``Z``
+  (Microsoft's examples also show ``lastUpdateTime`` trimmed, ``...:59.2Z``:
+  pass such text explicitly to test that). The generic title/description of
+  a custom-indicator alert is not documented; the defaults are neutral text.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
+import hashlib
 import ipaddress
 import math
 import re
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from tests.standins.base import Recorded, Request, Response, Route, StandIn, json_response, route
 from tests.standins.entra import EntraStandIn
@@ -52,6 +94,9 @@ ALLOWED_ACTIONS: dict[str, frozenset[str]] = {
     "CertificateThumbprint": frozenset({"Allowed", "BlockAndRemediate"}),
 }
 WRITE_ROLES = ("Ti.ReadWrite.All", "Ti.ReadWrite")
+ALERT_ROLES = ("Alert.Read.All", "Alert.ReadWrite.All")
+# Application roles any one of which a token needs, per endpoint (default WRITE_ROLES).
+ENDPOINT_ROLES: dict[str, tuple[str, ...]] = {"alerts": ALERT_ROLES, "alert": ALERT_ROLES}
 ACCEPTED_AUDIENCES = frozenset(
     {
         "https://api.securitycenter.microsoft.com",
@@ -90,7 +135,44 @@ DEFAULT_QUOTAS: dict[str, tuple[tuple[int, float], ...]] = {
     "submit": ((100, 60), (1500, 3600)),
     "delete": ((100, 60), (1500, 3600)),
     "batch_delete": ((30, 60), (1500, 3600)),
+    "alerts": ((100, 60), (1500, 3600)),
+    "alert": ((100, 60), (1500, 3600)),
 }
+# Indicator times that ``timestamp_style`` reprints.
+STYLED_TIME_FIELDS = ("expirationTime", "creationTimeDateTimeUtc", "lastUpdateTime")
+# Every evidence item carries all of these keys, unused ones null (get-alerts.md, Example 2).
+EVIDENCE_KEYS = (
+    "entityType",
+    "evidenceCreationTime",
+    "sha1",
+    "sha256",
+    "fileName",
+    "filePath",
+    "processId",
+    "processCommandLine",
+    "processCreationTime",
+    "parentProcessId",
+    "parentProcessCreationTime",
+    "parentProcessFileName",
+    "parentProcessFilePath",
+    "ipAddress",
+    "url",
+    "registryKey",
+    "registryHive",
+    "registryValueType",
+    "registryValue",
+    "accountName",
+    "domainName",
+    "userSid",
+    "aadUserId",
+    "userPrincipalName",
+    "detectionStatus",
+)
+ALERT_TIME_FILTERS = frozenset({"lastUpdateTime", "alertCreationTime"})
+ALERT_QUERY_OPTIONS = frozenset({"$filter", "$top", "$skip", "$expand"})
+DEFAULT_ALERT_RETENTION_DAYS = 180.0
+TICKS_PER_SECOND = 10_000_000
+_DOTNET_EPOCH = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc)
 _INTERNAL_NETS = [
     (ipaddress.ip_network(n), why)
     for n, why in (
@@ -113,6 +195,9 @@ _INTERNAL_NETS = [
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _ODATA_CLAUSE = re.compile(r"\s*(\w+)\s+eq\s+(?:'((?:[^']|'')*)'|(true|false))\s*")
 _ODATA_AND = re.compile(r"and\s+")
+_ALERT_CLAUSE = re.compile(r"\s*(\w+)\s+(\w+)\s+('(?:[^']|'')*'|[^\s']+)\s*")
+_ODATA_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,12})?)?(?:Z|[+-]\d{2}:\d{2})")
+_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
 
 
 def utc_now_text() -> str:
@@ -162,6 +247,96 @@ def parse_time(text: Any) -> dt.datetime | None:
         return None
 
 
+def to_ticks(value: Any) -> int | None:
+    """.NET ticks (100 ns since 0001-01-01 UTC) of a time text or datetime; None when unparseable.
+
+    Ticks keep the 7th fractional digit that ``parse_time`` (microseconds)
+    drops, so ``gt`` filters and reprinted times agree with Defender's own
+    precision instead of silently rounding to the microsecond.
+    """
+    if isinstance(value, dt.datetime):
+        parsed, seventh = (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)), 0
+    else:
+        parsed = parse_time(value)
+        if parsed is None:
+            return None
+        m = _ISO.fullmatch(value.strip())
+        frac = (m.group(7) if m else None) or ""
+        seventh = int(frac[6]) if len(frac) > 6 else 0
+    delta = parsed - _DOTNET_EPOCH
+    return (delta.days * 86_400 + delta.seconds) * TICKS_PER_SECOND + delta.microseconds * 10 + seventh
+
+
+def format_ticks(ticks: int, digits: int = 7, offset: str = "Z") -> str:
+    """Print ticks as ISO 8601 with ``digits`` fractional digits (0-7, truncated) and ``Z`` or ``±hh:mm``."""
+    seconds, frac = divmod(ticks, TICKS_PER_SECOND)
+    tz = dt.timezone.utc
+    if offset != "Z":
+        m = _OFFSET.fullmatch(offset)
+        if not m:
+            raise ValueError(f"offset must be 'Z' or ±hh:mm, not {offset!r}")
+        minutes = (int(m[2]) * 60 + int(m[3])) * (-1 if m[1] == "-" else 1)
+        tz = dt.timezone(dt.timedelta(minutes=minutes))
+    local = (_DOTNET_EPOCH + dt.timedelta(seconds=seconds)).astimezone(tz)
+    text = local.strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        text += "." + f"{frac:07d}"[:digits]
+    return text + ("Z" if offset == "Z" else offset)
+
+
+def format_time7(value: dt.datetime) -> str:
+    """A datetime the way Defender prints alert times: UTC, 7 fractional digits, ``Z``."""
+    ticks = to_ticks(value)
+    assert ticks is not None
+    return format_ticks(ticks)
+
+
+@dataclass(frozen=True)
+class TimestampStyle:
+    """How indicator listings print times: ``digits`` fractional digits (1-7) and ``offset``.
+
+    ``offset`` is ``"Z"`` or ``"±hh:mm"`` (``"+00:00"`` is the explicit form
+    of UTC; ``"+02:00"`` prints the same instant two hours ahead). Defender's
+    own examples use 1 digit (``...:SS.0Z``, the CSV doc) and 7 digits.
+    """
+
+    digits: int = 7
+    offset: str = "Z"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.digits, bool) or not isinstance(self.digits, int) or not 1 <= self.digits <= 7:
+            raise ValueError(f"digits must be 1 to 7, not {self.digits!r}")
+        if self.offset != "Z":
+            m = _OFFSET.fullmatch(self.offset) if isinstance(self.offset, str) else None
+            if not m or int(m[2]) > 14 or int(m[3]) > 59:
+                raise ValueError(f"offset must be 'Z' or ±hh:mm within ±14:00, not {self.offset!r}")
+
+    def format(self, value: Any) -> Any:
+        """Reprint a stored time; None and unparseable values are returned unchanged."""
+        ticks = to_ticks(value) if isinstance(value, str) else None
+        if ticks is None:
+            return value
+        try:
+            return format_ticks(ticks, self.digits, self.offset)
+        except OverflowError:  # year 9999 shifted past the calendar: print what is stored
+            return value
+
+
+def retry_after_seconds(value: str, now: float | None = None) -> float | None:
+    """Seconds a Retry-After asks for (delta-seconds or HTTP date); None when unreadable."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        return when.timestamp() - (time.time() if now is None else now)
+    return None if math.isnan(seconds) else seconds
+
+
 def _is_hostname(host: str) -> bool:
     if not host or len(host) > 253 or not host.isascii():
         return False
@@ -177,7 +352,9 @@ class DefenderStandIn(StandIn):
     Endpoints (log/fault names): ``list`` (GET /api/indicators), ``import``
     (POST /api/indicators/import), ``submit`` (POST /api/indicators),
     ``delete`` (DELETE /api/indicators/{id}), ``batch_delete`` (POST
-    /api/indicators/BatchDelete).
+    /api/indicators/BatchDelete), ``alerts`` (GET /api/alerts) and ``alert``
+    (GET /api/alerts/{id}). Indicator endpoints need ``Ti.ReadWrite(.All)``,
+    alert endpoints ``Alert.Read.All`` or ``Alert.ReadWrite.All`` (``ENDPOINT_ROLES``).
     """
 
     name = "defender"
@@ -193,6 +370,8 @@ class DefenderStandIn(StandIn):
         quotas: dict[str, Iterable[tuple[int, float]]] | None = None,
         next_link: bool = False,
         strict_ipv6: bool = True,
+        timestamp_style: TimestampStyle | None = None,
+        alert_retention_days: float = DEFAULT_ALERT_RETENTION_DAYS,
     ) -> None:
         super().__init__(pki)
         self.entra = entra
@@ -202,7 +381,11 @@ class DefenderStandIn(StandIn):
         self.quotas = {**DEFAULT_QUOTAS, **{k: tuple(v) for k, v in (quotas or {}).items()}}
         self.next_link = next_link
         self.strict_ipv6 = strict_ipv6
+        self.timestamp_style = timestamp_style
+        self.alert_retention_days = alert_retention_days
         self.indicators: dict[str, dict[str, Any]] = {}
+        self.alerts: dict[str, dict[str, Any]] = {}
+        self._alert_seq = 0
         self.early_retries: list[Recorded] = []
         self._forbidden: set[str] = set()
         self._next_id = 1
@@ -223,6 +406,8 @@ class DefenderStandIn(StandIn):
                 self._guard("batch_delete", self._batch_delete),
             ),
             route("DELETE", r"/api/indicators/(?P<id>[^/]+)", "delete", self._guard("delete", self._delete)),
+            route("GET", r"/api/(?i:alerts)/?", "alerts", self._guard("alerts", self._list_alerts)),
+            route("GET", r"/api/(?i:alerts)/(?P<id>[^/]+)", "alert", self._guard("alert", self._get_alert)),
         ]
 
     # ---------------------------------------------------------------- test API
@@ -280,6 +465,139 @@ class DefenderStandIn(StandIn):
                     count += 1
         return count
 
+    # ------------------------------------------------------------ alerts API
+    @staticmethod
+    def evidence(**fields: Any) -> dict[str, Any]:
+        """An evidence item with every documented key (unused ones null), plus ``fields``.
+
+        Defaults: ``entityType`` File, ``evidenceCreationTime`` now, and
+        ``detectionStatus`` Detected for File/Process entities (null for the
+        others, as in the documented example). Unknown keys are kept: tests may
+        add undocumented ones. datetime values become 7-digit ``Z`` text.
+        """
+        item: dict[str, Any] = dict.fromkeys(EVIDENCE_KEYS)
+        item["entityType"] = "File"
+        item["evidenceCreationTime"] = format_time7(dt.datetime.now(dt.timezone.utc))
+        item.update({k: _alert_value(v) for k, v in fields.items()})
+        if "detectionStatus" not in fields and item["entityType"] in ("File", "Process"):
+            item["detectionStatus"] = "Detected"
+        return item
+
+    def add_alert(self, *, omit: Iterable[str] = (), **fields: Any) -> dict[str, Any]:
+        """Store an alert (all documented properties, realistic defaults) and return the live record.
+
+        Defaults model an alert raised by a custom indicator: ``detectionSource``
+        CustomerTI, severity Informational (Block indicators only raise generic
+        informational alerts), status New, classification/determination null,
+        ``evidence`` ``[]``. Times have 7 fractional digits and ``Z``;
+        ``lastUpdateTime`` is now and the others precede it, anchored on
+        ``alertCreationTime`` or ``lastUpdateTime`` when given (text or
+        datetime). ``id`` looks like ``da<creation ticks>_<signed int32>``.
+
+        ``fields`` override or add properties and are stored as given (any
+        shape: null, numbers, odd evidence, 5,000 evidence items...); ``omit``
+        removes keys from the record. The record is kept under ``str(id)`` (the
+        generated id when ``id`` is omitted); ids must be unique (ValueError).
+        """
+        with self._state:
+            self._alert_seq += 1
+            seq = self._alert_seq
+            now = to_ticks(dt.datetime.now(dt.timezone.utc))
+            assert now is not None
+            created = to_ticks(fields.get("alertCreationTime"))
+            updated = to_ticks(fields.get("lastUpdateTime"))
+            if updated is None:  # now, or 1.5 s after a given creation time (documented example's gap)
+                updated = (now if created is None else created + 15_000_000) - (seq * 7) % 10
+            if created is None:
+                created = updated - 15_000_000 - seq % 10
+            last_event = created - 1_446_642_453 - (seq * 3) % 10
+            first_event = last_event - 1_014_661
+            suffix = zlib.crc32(f"{self.entra.tenant}:{seq}".encode()) - 2**31
+            alert_id = f"da{created}_{suffix}"
+            while alert_id in self.alerts:
+                created += 1
+                alert_id = f"da{created}_{suffix}"
+            alert: dict[str, Any] = {
+                "id": alert_id,
+                "incidentId": 1_126_092 + seq,
+                "investigationId": None,
+                "assignedTo": None,
+                "severity": "Informational",
+                "status": "New",
+                "classification": None,
+                "determination": None,
+                "investigationState": "UnsupportedAlertType",
+                "detectionSource": "CustomerTI",
+                "detectorId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"defender-standin/detector/{seq}")),
+                "category": "SuspiciousActivity",
+                "threatFamilyName": None,
+                "title": "Custom indicator alert",
+                "description": "A custom indicator of compromise matched activity on this device.",
+                "alertCreationTime": format_ticks(created),
+                "firstEventTime": format_ticks(first_event),
+                "lastEventTime": format_ticks(last_event),
+                "lastUpdateTime": format_ticks(updated),
+                "resolvedTime": None,
+                "machineId": hashlib.sha1(f"machine-{seq}".encode()).hexdigest(),
+                "computerDnsName": f"wks-{seq:04d}.corp.contoso.com",
+                "rbacGroupName": None,
+                "aadTenantId": self.entra.tenant,
+                "threatName": None,
+                "mitreTechniques": [],
+                "relatedUser": None,
+                "comments": [],
+                "evidence": [],
+            }
+            alert.update({k: _alert_value(v) for k, v in fields.items()})
+            key = str(alert.get("id"))
+            if key in self.alerts:
+                raise ValueError(f"alert id {key!r} already exists")
+            for name in omit:
+                alert.pop(name, None)
+            self.alerts[key] = alert
+        return alert
+
+    def update_alert(self, alert_id: str, **fields: Any) -> dict[str, Any]:
+        """Change stored properties (e.g. ``classification="FalsePositive"``) and bump ``lastUpdateTime``.
+
+        ``lastUpdateTime`` becomes now, or one tick after its previous value if
+        that is later, so an update is always visible to ``lastUpdateTime gt
+        <previous>``; give ``lastUpdateTime`` to set it yourself. Setting
+        ``status`` Resolved also sets a missing ``resolvedTime``. Returns the
+        live record; KeyError for an unknown id.
+        """
+        with self._state:
+            alert = self.alerts[alert_id]
+            now = to_ticks(dt.datetime.now(dt.timezone.utc))
+            assert now is not None
+            previous = to_ticks(alert.get("lastUpdateTime"))
+            alert.update({k: _alert_value(v) for k, v in fields.items()})
+            if "lastUpdateTime" not in fields:
+                alert["lastUpdateTime"] = format_ticks(now if previous is None else max(now, previous + 1))
+            if fields.get("status") == "Resolved" and "resolvedTime" not in fields and not alert.get("resolvedTime"):
+                alert["resolvedTime"] = format_ticks(now)
+        return alert
+
+    def visible_alerts(self) -> list[dict[str, Any]]:
+        """Alerts inside the retention window, in the order the listing serves them (by id)."""
+        cutoff = self._retention_cutoff()
+        with self._state:
+            items = sorted(self.alerts.items())
+        return [a for _, a in items if self._retained(a, cutoff)]
+
+    def _retention_cutoff(self) -> int:
+        """Ticks of the oldest ``lastUpdateTime`` still retained (0 when the window reaches year 1)."""
+        try:
+            oldest = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=self.alert_retention_days)
+        except OverflowError:
+            return 0
+        return to_ticks(oldest) or 0
+
+    @staticmethod
+    def _retained(alert: dict[str, Any], cutoff: int) -> bool:
+        ticks = to_ticks(alert.get("lastUpdateTime"))
+        return ticks is None or ticks >= cutoff
+
     # ------------------------------------------------------------ hooks/errors
     def _error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
         return json_response(
@@ -319,21 +637,28 @@ class DefenderStandIn(StandIn):
 
     def on_answer(self, recorded: Recorded, response: Response) -> None:
         retry_after = response.headers.get("Retry-After")
-        if response.status != 429 or retry_after is None:
+        if response.status not in (429, 503) or retry_after is None:
             return
         client = self._client_of(recorded)
         if client is None:
             return
-        try:
-            seconds = float(retry_after)
-        except ValueError:
+        seconds = retry_after_seconds(retry_after)
+        if seconds is None:
             return
         with self._state:
             self._retry_deadline[(client, recorded.endpoint)] = time.monotonic() + seconds
 
     # ---------------------------------------------------------- auth + quotas
-    def _guard(self, endpoint: str, fn: Callable[[Request, str], Response]) -> Callable[[Request], Response]:
-        """Wrap a handler with authentication, role checks and quotas, in that order."""
+    def _guard(
+        self, endpoint: str, fn: Callable[[Request, str], Response], roles: Iterable[str] | None = None
+    ) -> Callable[[Request], Response]:
+        """Wrap a handler with authentication, role checks and quotas, in that order.
+
+        ``roles``: the token needs any one of them (default ``ENDPOINT_ROLES``
+        for the endpoint, else ``WRITE_ROLES``); the 403 names them all.
+        """
+        required = tuple(roles) if roles is not None else ENDPOINT_ROLES.get(endpoint, WRITE_ROLES)
+        missing = f"Missing application roles. API required roles: {', '.join(required)}"
 
         def handler(req: Request) -> Response:
             auth = req.headers.get("authorization", "")
@@ -342,10 +667,8 @@ class DefenderStandIn(StandIn):
             info = self.entra.token_info(token) if client else None
             if client is None or info is None or info.aud.rstrip("/") not in ACCEPTED_AUDIENCES:
                 return self._error(401, "Unauthorized", "Unauthorized (invalid or expired authorization header).")
-            if client in self._forbidden or not any(r in info.roles for r in WRITE_ROLES):
-                return self._error(
-                    403, "Forbidden", "Missing application roles. API required roles: Ti.ReadWrite.All, Ti.ReadWrite"
-                )
+            if client in self._forbidden or not any(r in info.roles for r in required):
+                return self._error(403, "Forbidden", missing)
             wait = self._take_quota(endpoint, client)
             if wait is not None:
                 return self._error(
@@ -572,8 +895,8 @@ class DefenderStandIn(StandIn):
         ind["lastUpdatedBy"] = client
 
     # ---------------------------------------------------------------- handlers
-    def _list(self, req: Request, client: str) -> Response:
-        q = req.query
+    def _paging(self, q: dict[str, str]) -> tuple[int, int] | Response:
+        """($top, $skip) from the query, or the 400 ODataError Defender answers."""
         try:
             top = int(q.get("$top", MAX_TOP))
             skip = int(q.get("$skip", 0))
@@ -585,18 +908,98 @@ class DefenderStandIn(StandIn):
             return self._error(
                 400, "ODataError", f"Invalid OData URI query: the limit of '{MAX_TOP}' for Top query has been exceeded."
             )
+        return top, skip
+
+    def _next_link(self, q: dict[str, str], path: str, total: int, top: int, skip: int) -> str | None:
+        """The nextLink Defender does not send (#8489) unless the ``next_link`` knob is on."""
+        if not self.next_link or skip + top >= total:
+            return None
+        nxt = dict(q)
+        nxt["$skip"] = str(skip + top)
+        return f"{self.url}{path}?{urlencode(nxt)}"
+
+    def _styled(self, ind: dict[str, Any]) -> dict[str, Any]:
+        """A copy of an indicator with its times printed in ``timestamp_style`` (if set)."""
+        out = dict(ind)
+        style = self.timestamp_style
+        if style is not None:
+            for name in STYLED_TIME_FIELDS:
+                if name in out:
+                    out[name] = style.format(out[name])
+        return out
+
+    def _list(self, req: Request, client: str) -> Response:
+        q = req.query
+        paging = self._paging(q)
+        if isinstance(paging, Response):
+            return paging
+        top, skip = paging
         try:
             predicate = _parse_filter(q.get("$filter", ""))
         except ValueError as exc:
             return self._error(400, "ODataError", f"Invalid OData URI query: {exc}")
         rows = [i for i in self.active() if self._can_see(client, i) and predicate(i)]
-        page = [dict(i) for i in rows[skip : skip + top]]
+        page = [self._styled(i) for i in rows[skip : skip + top]]
         body: dict[str, Any] = {"@odata.context": f"{self.url}/api/$metadata#Indicators", "value": page}
-        if self.next_link and skip + top < len(rows):
-            nxt = dict(q)
-            nxt["$skip"] = str(skip + top)
-            body["@odata.nextLink"] = f"{self.url}/api/indicators?{urlencode(nxt)}"
+        nxt = self._next_link(q, "/api/indicators", len(rows), top, skip)
+        if nxt:
+            body["@odata.nextLink"] = nxt
         return json_response(200, body)
+
+    def _list_alerts(self, req: Request, client: str) -> Response:
+        q = req.query
+        unsupported = sorted(k for k in q if k.startswith("$") and k not in ALERT_QUERY_OPTIONS)
+        if unsupported:
+            return self._error(
+                400, "ODataError", f"Invalid OData URI query: the query option '{unsupported[0]}' is not supported."
+            )
+        paging = self._paging(q)
+        if isinstance(paging, Response):
+            return paging
+        top, skip = paging
+        expand = self._expand(q)
+        if isinstance(expand, Response):
+            return expand
+        try:
+            predicate = _parse_alert_filter(q.get("$filter", ""))
+        except ValueError as exc:
+            return self._error(400, "ODataError", f"Invalid OData URI query: {exc}")
+        rows = [a for a in self.visible_alerts() if predicate(a)]
+        page = [self._served_alert(a, expand) for a in rows[skip : skip + top]]
+        body: dict[str, Any] = {"@odata.context": f"{self.url}/api/$metadata#Alerts", "value": page}
+        nxt = self._next_link(q, "/api/alerts", len(rows), top, skip)
+        if nxt:
+            body["@odata.nextLink"] = nxt
+        return json_response(200, body)
+
+    def _expand(self, q: dict[str, str]) -> bool | Response:
+        if "$expand" not in q:
+            return False
+        if q["$expand"].strip() != "evidence":
+            return self._error(
+                400,
+                "ODataError",
+                f"Invalid OData URI query: could not find a navigation property named '{q['$expand']}' to expand.",
+            )
+        return True
+
+    @staticmethod
+    def _served_alert(alert: dict[str, Any], expand: bool) -> dict[str, Any]:
+        out = dict(alert)
+        if not expand and "evidence" in out:
+            out["evidence"] = []
+        return out
+
+    def _get_alert(self, req: Request, client: str) -> Response:
+        alert_id = unquote(req.params["id"])
+        cutoff = self._retention_cutoff()
+        with self._state:
+            alert = self.alerts.get(alert_id)
+            found = alert is not None and self._retained(alert, cutoff)
+            served = self._served_alert(alert, True) if alert is not None and found else None
+        if served is None:
+            return self._error(404, "ResourceNotFound", f"Alert {alert_id} was not found.")
+        return json_response(200, {"@odata.context": f"{self.url}/api/$metadata#Alerts/$entity", **served})
 
     def _import(self, req: Request, client: str) -> Response:
         body = req.body
@@ -632,7 +1035,9 @@ class DefenderStandIn(StandIn):
         ((ind, reason),) = self._upsert_many([req.body], client)
         if ind is None:
             return self._error(400, "BadRequest", reason or "Bad request.")
-        return json_response(200, {"@odata.context": f"{self.url}/api/$metadata#Indicators/$entity", **ind})
+        return json_response(
+            200, {"@odata.context": f"{self.url}/api/$metadata#Indicators/$entity", **self._styled(ind)}
+        )
 
     def _delete(self, req: Request, client: str) -> Response:
         ind_id = req.params["id"]
@@ -711,5 +1116,63 @@ def _parse_filter(text: str) -> Callable[[dict[str, Any]], bool]:
 
     def predicate(ind: dict[str, Any]) -> bool:
         return all(ind.get(name) == value for name, value in clauses)
+
+    return predicate
+
+
+def _alert_value(value: Any) -> Any:
+    """datetimes become Defender-style text (JSON has no datetime); anything else is stored as given."""
+    return format_time7(value) if isinstance(value, dt.datetime) else value
+
+
+def _time_test(name: str, op: str, bound: int) -> Callable[[dict[str, Any]], bool]:
+    def test(alert: dict[str, Any]) -> bool:
+        ticks = to_ticks(alert.get(name))
+        return ticks is not None and (ticks > bound if op == "gt" else ticks >= bound)
+
+    return test
+
+
+def _parse_alert_filter(text: str) -> Callable[[dict[str, Any]], bool]:
+    """Compile the alerts ``$filter`` subset (see the module docstring) into a predicate; ValueError otherwise."""
+    text = text.strip()
+    if not text:
+        return lambda _alert: True
+    tests: list[Callable[[dict[str, Any]], bool]] = []
+    pos = 0
+    while True:
+        m = _ALERT_CLAUSE.match(text, pos)
+        if not m:
+            raise ValueError(f"syntax error at position {pos} in '{text}'.")
+        name, op, literal = m.groups()
+        if name in ALERT_TIME_FILTERS:
+            if op not in ("ge", "gt"):
+                raise ValueError(f"operator '{op}' is not supported on '{name}'.")
+            bound = to_ticks(literal) if _ODATA_DATETIME.fullmatch(literal) else None
+            if bound is None:
+                raise ValueError(
+                    f"A binary operator with incompatible types was detected: '{literal}' is not an "
+                    f"Edm.DateTimeOffset literal for '{name}'."
+                )
+            tests.append(_time_test(name, op, bound))
+        elif name == "detectionSource":
+            if op != "eq":
+                raise ValueError(f"operator '{op}' is not supported on '{name}'.")
+            if len(literal) < 2 or not (literal.startswith("'") and literal.endswith("'")):
+                raise ValueError(f"{name} must be compared with a quoted string.")
+            wanted = literal[1:-1].replace("''", "'")
+            tests.append(lambda alert, wanted=wanted: alert.get("detectionSource") == wanted)
+        else:
+            raise ValueError(f"filtering on '{name}' is not supported.")
+        pos = m.end()
+        if pos == len(text):
+            break
+        m_and = _ODATA_AND.match(text, pos)
+        if not m_and:
+            raise ValueError(f"syntax error at position {pos} in '{text}'.")
+        pos = m_and.end()
+
+    def predicate(alert: dict[str, Any]) -> bool:
+        return all(test(alert) for test in tests)
 
     return predicate
