@@ -475,3 +475,38 @@ def test_times_parse_with_any_fraction_and_zone(text: str, expected: float) -> N
 @pytest.mark.parametrize("text", ["", "yesterday", "2026-13-01T00:00:00Z", "2026-12-02T25:00:00Z", None, 5])
 def test_non_times_are_none(text) -> None:
     assert m2d.parse_time(text) is None
+
+
+@pytest.mark.parametrize("digits,offset", [(7, "Z"), (1, "+00:00"), (7, "+02:00"), (3, "-04:30")])
+def test_expiry_refresh_works_whatever_fraction_and_zone_defender_prints(tool: Tool, digits: int,
+                                                                         offset: str) -> None:
+    from tests.standins.defender import TimestampStyle
+
+    tool.defender.timestamp_style = TimestampStyle(digits=digits, offset=offset)
+    assert tool.run().code == 0
+    steady = tool.run()
+    assert steady.code == 0 and steady.counts["updated"] == 0  # the times read back as written
+    [target] = [i for i in tool.defender.owned_by(TEST_CLIENT_ID) if i["indicatorValue"] == "185.225.17.88"]
+    tomorrow = time.time() + 86400
+    target["expirationTime"] = time.strftime("%Y-%m-%dT%H:%M:%S.1234567Z", time.gmtime(tomorrow))
+    result = tool.run()
+    assert result.code == 0 and result.counts["updated"] == 1
+
+
+def test_times_parse_on_python_3_10_too() -> None:
+    """Python 3.10's fromisoformat rejects 7 digits, 1 digit and Z: the script must not depend on it."""
+    import shutil
+    import subprocess
+
+    candidates = [shutil.which("python3.10"), *map(str, Path.home().glob(".pyenv/versions/3.10*/bin/python3.10"))]
+    working = [c for c in candidates if c and subprocess.run([c, "-c", "pass"], capture_output=True).returncode == 0]
+    if not working:
+        pytest.skip("no python3.10 on this machine")
+    python310 = working[0]
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import misp2defender as m; "
+              "print([m.parse_time(t) for t in sys.argv[2:]])")
+    texts = ["2026-12-02T10:00:00.1234567Z", "2026-12-02T10:00:00.5Z", "2026-12-02T12:00:00.12+02:00"]
+    done = subprocess.run([python310, "-c", script, str(Path(m2d.__file__).parent), *texts],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [round(v, 4) for v in eval(done.stdout)] == [1796205600.1235, 1796205600.5, 1796205600.12]
