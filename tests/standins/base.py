@@ -314,6 +314,17 @@ class StandIn:
         with self._lock:
             self._faults.append(_Fault(endpoint, status, retry_after, body, drop, delay, times, skip, match))
 
+    def reset_faults(self) -> None:
+        """Forget every injected fault and pending hook (between the runs of one test)."""
+        with self._lock:
+            self._faults.clear()
+            self._hooks.clear()
+
+    def ok_count(self, endpoint: str) -> int:
+        """How many 2xx answers ``endpoint`` has given so far (``after`` counts the same way)."""
+        with self._lock:
+            return self._ok_counts[endpoint]
+
     def after(self, endpoint: str, nth: int, fn: Callable[[], Any]) -> None:
         """Call ``fn()`` once, right after the ``nth`` 2xx answer on ``endpoint``."""
         with self._lock:
