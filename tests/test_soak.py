@@ -154,7 +154,8 @@ def test_fifty_runs_over_a_changing_misp_with_faults_keep_every_invariant(tool: 
         tool.defender.reset_faults()
         faults = inject_faults(tool, rng)
         carried_at_start = set(model(tool))
-        held_before = {i["id"]: (i["indicatorType"], i["indicatorValue"]) for i in tool.defender.owned_by(TEST_CLIENT_ID)}
+        held_before = {i["id"]: (i["indicatorType"], i["indicatorValue"])
+                       for i in tool.defender.owned_by(TEST_CLIENT_ID)}
         deletes_before = len(tool.defender.calls("batch_delete"))
         if rng.random() < 0.3:  # an analyst edits MISP while the run reads it
             tool.misp.after("events", tool.misp.ok_count("events") + rng.randint(1, 3), mutation(tool, rng, added))
