@@ -247,11 +247,15 @@ class EndpointStats:
 
 
 class Retry(Exception):
-    """Raised inside an attempt that may succeed if repeated; ``wait`` is what the server asked for."""
+    """Raised inside an attempt that may succeed if repeated.
 
-    def __init__(self, problem: str, wait: float | None = None):
+    ``wait`` is what the server asked for; ``final`` is the error to raise if no attempt is left
+    (a server error stays a server error, whatever the caller's default).
+    """
+
+    def __init__(self, problem: str, wait: float | None = None, final: type[Misp2DefenderError] | None = None):
         super().__init__(problem)
-        self.problem, self.wait = problem, wait
+        self.problem, self.wait, self.final = problem, wait, final
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
@@ -281,7 +285,8 @@ class RetryPolicy:
                 return attempt()
             except Retry as retry:
                 if number >= self.max_retries:
-                    raise fail(f"{what} failed after {number + 1} attempts: {retry.problem}", service) from None
+                    raise (retry.final or fail)(f"{what} failed after {number + 1} attempts: {retry.problem}",
+                                                service) from None
                 wait = max(min_wait, backoff(number) if retry.wait is None else retry.wait)
                 self.check_wait(what, wait, service)
                 log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s; retrying in %.1f s",
@@ -448,6 +453,7 @@ DEFAULTS: dict[str, Any] = {
     "defender_rbac_group_names": [],
     "defender_max_indicators": 15000,
     "check_if_already_in_defender": True,
+    "keep_unpublished_edits": True,
     "limit_vetted_attributes_from_specific_events": ['curation:source="MISP-TEST"'],
     "vetted_attribute_classifier": ['course-of-action:active="deny"'],
     "remove_guard_percent": 50,
@@ -506,6 +512,7 @@ class Settings:
     rbac_group_names: tuple[str, ...]
     max_indicators: int
     check_existing: bool
+    keep_unpublished_edits: bool
     vetted_event_tags: frozenset[str]
     vetted_attribute_tags: frozenset[str]
     remove_guard_percent: float
@@ -748,6 +755,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         rbac_group_names=tuple(rbac),
         max_indicators=_positive_int("defender_max_indicators", cfg["defender_max_indicators"]),
         check_existing=flag("check_if_already_in_defender"),
+        keep_unpublished_edits=flag("keep_unpublished_edits"),
         vetted_event_tags=_tag_list("limit_vetted_attributes_from_specific_events",
                                     cfg["limit_vetted_attributes_from_specific_events"]),
         vetted_attribute_tags=_tag_list("vetted_attribute_classifier", cfg["vetted_attribute_classifier"]),
@@ -901,8 +909,11 @@ class MispSource:
         problem = transport_problem(exc)
         if problem == "certificate":
             raise certificate_error("misp", self.settings.misp_url, exc) from None
-        if problem or any(isinstance(e, pymisp.MISPServerError) for e in exception_chain(exc)):
+        if problem:
             raise Retry(redact(f"{type(exc).__name__}: {exc}", self.settings.secrets)[:500])
+        if any(isinstance(e, pymisp.MISPServerError) for e in exception_chain(exc)):
+            detail = " ".join(str(exc).split())  # PyMISP's "Error code 500: <MISP's JSON>" on one line
+            raise Retry(redact(f"MISP server error: {detail}", self.settings.secrets)[:500], final=ServerError)
         # PyMISP's constructor reports a refused key only in its message: ask MISP for the status.
         status = self._probe(probe_path)
         if status in (401, 403):
@@ -952,6 +963,25 @@ class MispSource:
                 raise Retry(str(exc)) from None
 
         return self.policy.run(what, attempt, service="misp")
+
+    def count_events(self) -> int:
+        """How many events the filters select (for --check), from metadata only.
+
+        Without the warninglist flags: MISP 2.5 answers ``metadata`` with ``enforceWarninglist`` or
+        ``includeWarninglistHits`` with a 500 as soon as an event matches, and those flags choose
+        attributes inside events, not which events match.
+        """
+        filters = {k: v for k, v in self.settings.misp_event_filters.items() if k not in WARNINGLIST_FLAGS}
+        count = 0
+        for page in itertools.count(1):
+            query = {**filters, "metadata": True}
+            if "limit" not in filters:
+                query.update(limit=self.settings.misp_page_size, page=page)
+            events = self._search("events", f"MISP events page {page}", events_of_page, **query)
+            count += len(events)
+            if "limit" in filters or len(events) < self.settings.misp_page_size:
+                return count
+        return count
 
     def events(self, full_sync: bool, status: MispReadStatus, extra: Mapping[str, Any] | None = None, *,
                next_page: Callable[[], int] | None = None, max_pages: int | None = None) -> Iterator[dict]:
@@ -1004,6 +1034,9 @@ class MispSource:
                                       **{**filters, **(extra or {})})
             found.extend(split_inherited_tags(attribute) for attribute in attributes)
         return found
+
+
+WARNINGLIST_FLAGS = ("enforceWarninglist", "includeWarninglistHits")
 
 
 def shape_of(value: Any) -> str:
@@ -2405,6 +2438,11 @@ def update_reason(candidate: Candidate, existing: Existing, settings: Settings, 
         return "recommended actions changed"
     if existing.rbac_groups is not None and existing.rbac_groups != tuple(sorted(settings.rbac_group_names)):
         return "device groups changed"
+    return expiry_reason(candidate, existing, now)
+
+
+def expiry_reason(candidate: Candidate, existing: Existing, now: float) -> str:
+    """Whether the expiry must move: only later, and only by more than half the lifetime."""
     if existing.expiration is not None:
         if candidate.expiration is None:
             return "expiry removed"
@@ -2430,13 +2468,18 @@ def stale_keys(desired: Desired, existing: Iterable[Existing], full_sync: bool) 
 
 def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
          read_complete: bool, full_sync: bool, still_selected: frozenset = frozenset(),
+         held: Mapping[tuple[str, str], Candidate] | None = None,
          force: bool = False, now: float | None = None) -> Plan:
     """Compare what MISP wants with what Defender holds. Pure: no HTTP, no PyMISP.
 
     ``still_selected``: stale keys that MISP, asked just before planning, says a selected
-    attribute still carries; they are kept. Nothing is ever written onto an indicator another
-    application owns: Defender's import would overwrite it, since it matches on the upsert key.
+    attribute still carries; they are kept. ``held``: owned keys an event carries that is being
+    edited (unpublished after it was published): they stay as Defender holds them, the last
+    published form, with only their expiry refreshed, until the event is republished or deleted
+    (keep_unpublished_edits). Nothing is ever written onto an indicator another application owns:
+    Defender's import would overwrite it, since it matches on the upsert key.
     """
+    held = held or {}
     now = time.time() if now is None else now
     result = Plan()
     owned: dict[tuple[str, str], list[Existing]] = {}
@@ -2453,6 +2496,9 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
 
     for key, candidate in desired.candidates.items():
         mine = owned.get(key, [])
+        if mine and key in held:
+            _keep_as_published(result, held[key], mine, foreign_upserts, now)
+            continue
         if not mine:
             if key in foreign:
                 result.keeps["held by another application"] += 1
@@ -2485,12 +2531,32 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
         if key in still_selected:
             result.keeps["still carried by a selected MISP attribute"] += 1
             continue
+        if key in held:
+            _keep_as_published(result, held[key], owned[key], foreign_upserts, now)
+            continue
         reason = "not selected in MISP any more" if full_sync else f"retracted: {desired.retractions[key]}"
         result.deletes.extend(Deletion(e.id, *key, reason) for e in owned[key])
 
     _guard_deletes(result, settings, read_complete=read_complete, force=force)
     _apply_cap(result, desired, settings)  # after the guard: withheld deletes free no room
     return result
+
+
+EDITED = "its event is being edited in MISP (unpublished): kept as last published"
+
+
+def _keep_as_published(result: Plan, candidate: Candidate, mine: list[Existing],
+                       foreign_upserts: set[tuple[str, str, str]], now: float) -> None:
+    """An owned value of an event under edit: keep it as it is; refresh only its expiry."""
+    keep = next((e for e in mine if e.action == candidate.action), mine[0])
+    reason = expiry_reason(candidate, keep, now) if keep.action == candidate.action else ""
+    if reason and upsert_key(candidate.indicator_type, candidate.value, candidate.action) not in foreign_upserts:
+        as_published = dataclasses.replace(candidate, title=keep.title, severity=keep.severity)
+        result.updates.append(Change(as_published, f"{reason}; {EDITED}"))
+    else:
+        result.keeps[EDITED] += 1
+    result.deletes.extend(Deletion(e.id, *candidate.key, "duplicate of an owned indicator")
+                          for e in mine if e is not keep)
 
 
 def _apply_cap(result: Plan, desired: Desired, settings: Settings) -> None:
@@ -2903,11 +2969,13 @@ def run(settings: Settings, args: argparse.Namespace, report: Report, deadline: 
             status = reader.read_into(desired)
         report.record_read(desired, status)
 
-        still_selected = confirm_with_misp(misp, stale_keys(desired, existing, args.full_sync), settings, status)
+        held = held_by_edited_events(misp, [e.key for e in existing if e.owned], settings, status)
+        stale = [key for key in stale_keys(desired, existing, args.full_sync) if key not in held]
+        still_selected = confirm_with_misp(misp, stale, settings, status)
         report.misp_error = status.error
         with report.phase("plan"):
             the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
-                            still_selected=still_selected, force=args.force)
+                            still_selected=still_selected, held=held, force=args.force)
         if settings.exclude_if_in_alienvault and the_plan.creates:
             exclude_known_to_otx(the_plan, settings, policy, report)
         report.record_plan(the_plan, settings)
@@ -2971,6 +3039,35 @@ def confirm_with_misp(misp: MispSource, keys: list[tuple[str, str]], settings: S
     except Misp2DefenderError as exc:
         status.fail(f"MISP value check failed: {exc}")
         return frozenset()
+
+
+def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], settings: Settings,
+                          status: MispReadStatus) -> dict[tuple[str, str], Candidate]:
+    """Of these owned keys, the ones an event carries that was published and is now being edited.
+
+    Any edit unpublishes a MISP event until someone republishes it. Like MISP's own sync, the last
+    published state stands meanwhile: so the attributes of such events count whatever their
+    to_ids or deleted flags say now (those edits take effect at the republish).
+    """
+    if not keys or not status.complete or not settings.keep_unpublished_edits:
+        return {}
+    if settings.misp_event_filters.get("published") not in (True, 1, "1", "true", "True"):
+        return {}  # unpublished events are selected anyway: nothing is held back
+    wanted, held = set(keys), {}
+    now = time.time()
+    edited = MispReadStatus()
+    for event in misp.events(True, edited, extra={"published": False}):
+        if event.get("published") is True or epoch_or(event.get("publish_timestamp")) <= 0:
+            continue  # a draft never published holds nothing back
+        map_one = event_mapper(event_context(event), settings, now)
+        for attribute in event_attributes(event, settings.misp_flatten_attributes):
+            if isinstance(attribute, dict):
+                for outcome in map_one({**attribute, "to_ids": True, "deleted": False}):
+                    if type(outcome) is Candidate and outcome.key in wanted:
+                        held[outcome.key] = stronger(held[outcome.key], outcome) if outcome.key in held else outcome
+    if not edited.complete:
+        status.fail(f"MISP read of events being edited failed: {edited.error}")
+    return held
 
 
 def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings: Settings) -> frozenset:
@@ -3065,10 +3162,8 @@ def run_check(config_path: str) -> int:
             misp = MispSource(settings, policy)
             version = (misp.misp.misp_instance_version or {}).get("version", "?")
             row(True, f"MISP: {settings.misp_url} answers (MISP {version}) and accepts the API key")
-            status = MispReadStatus()
-            counted = sum(1 for _ in misp.events(False, status, extra={"metadata": True}))
-            row(status.complete, f"MISP: {counted} events match misp_event_filters"
-                if status.complete else f"MISP: {status.error}", FIXES["misp_reach"])
+            counted = misp.count_events()
+            row(True, f"MISP: {counted} events match misp_event_filters")
         except Misp2DefenderError as exc:
             failed(exc)
         if not settings.has_defender_credentials:

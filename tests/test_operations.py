@@ -59,7 +59,7 @@ def test_report_counts_match_what_defender_saw(tool: Tool) -> None:
                          "title": "x", "description": "x", "generateAlert": True}], created_by="someone-else")
     first = tool.run()
     assert first.code == 0
-    tool.misp.unpublish("37018e28-4d6a-4ace-9e41-009656db4192")  # event 03
+    tool.misp.remove_event("37018e28-4d6a-4ace-9e41-009656db4192")  # event 03
     result = tool.run("--full-sync")
     assert result.code == 0
     report = result.report

@@ -68,6 +68,7 @@ def test_normal_run_removes_retracted_values_unless_another_selected_attribute_c
     tool.misp.set_attribute(ATTR_40103_IP, to_ids=False)
     tool.misp.delete_attribute(ATTR_40107_HOSTNAME)
     tool.misp.set_attribute(ATTR_40105_DOMAIN, to_ids=False)  # event 02 (outside the window) still carries it
+    tool.misp.publish_event_of(ATTR_40103_IP)  # the analyst's edits take effect when event 01 is republished
     result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert result.code == 0, result.stderr
     assert result.counts["events"] == 1  # only the edited event is in the window
@@ -85,7 +86,9 @@ def test_full_sync_removes_what_is_no_longer_selected(tool: Tool) -> None:
     tool.misp.remove_event(EVENT_05)
     incremental = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert incremental.code == 0 and deleted_ids(tool) == []  # a normal run does not guess at absence
-    result = tool.run("--full-sync", misp_event_filters={**TEST_FILTERS, "publish_timestamp": "1h"})
+    # Unpublished (not deleted) event 03 would be kept as last published; this site opts out.
+    result = tool.run("--full-sync", misp_event_filters={**TEST_FILTERS, "publish_timestamp": "1h"},
+                      keep_unpublished_edits=False)
     assert result.code == 0, result.stderr
     assert set(deleted_ids(tool)) == expected_deletes
     assert owned(tool) == SAMPLE_KEYS - FOREIGN_KEYS - EVENT_03_ONLY - EVENT_05_ONLY
@@ -218,6 +221,7 @@ def test_a_retracted_value_still_carried_in_another_spelling_stays(tool: Tool) -
     assert tool.run().code == 0
     tool.misp.set_attribute("28ceaac2-0193-4679-92c4-889660dbc89f", to_ids=False)  # 40104, ip-src|port
     tool.misp.set_attribute(ATTR_40107_HOSTNAME, to_ids=False)
+    tool.misp.publish_event_of(ATTR_40107_HOSTNAME)
     result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert result.code == 0, result.stderr
     assert result.counts["events"] == 1 and deleted_ids(tool) == []

@@ -494,7 +494,7 @@ def test_misp_mutations(small_misp: MispStandIn) -> None:
 
     small_misp.delete_attribute(target)
     assert misp.search(controller="events", eventid=1)[0]["Event"]["Attribute"] == []
-    assert misp.search(controller="events", eventid=1, deleted=[0, 1])[0]["Event"]["published"] is True
+    assert misp.search(controller="events", eventid=1, deleted=[0, 1])[0]["Event"]["published"] is False  # edited
 
     small_misp.unpublish("00000000-0000-4000-8000-000000000002")
     assert "2" not in [e["Event"]["id"] for e in misp.search(controller="events", published=True)]

@@ -79,6 +79,7 @@ def test_an_odd_page_in_the_middle_of_a_read_deletes_nothing(tool: Tool) -> None
 def test_an_odd_answer_to_the_value_check_means_unknown_never_not_carried(tool: Tool) -> None:
     assert tool.run().code == 0
     tool.misp.set_attribute(ATTR_40103_IP, to_ids=False)  # a retraction: a delete is due...
+    tool.misp.publish_event_of(ATTR_40103_IP)
     tool.misp.inject("attributes", status=200, body={"response": None}, times=100)  # ...if MISP confirms
     result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert result.code == 1
@@ -92,9 +93,9 @@ def test_an_odd_answer_to_the_value_check_means_unknown_never_not_carried(tool: 
 def test_an_event_sliding_to_an_earlier_page_during_a_full_sync_keeps_its_indicators(tool: Tool) -> None:
     assert tool.run().code == 0
     before = owned(tool)
-    # After the second page has been served, event 01 (page 1, already read) leaves the selection:
-    # every later event slides one page back, so one of them is never read in this run.
-    tool.misp.after("events", 2, lambda: tool.misp.unpublish("c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"))
+    # After the second page has been served, event 01 (page 1, already read) is deleted: every later
+    # event slides one page back, so one of them is never read in this run.
+    tool.misp.after("events", 2, lambda: tool.misp.remove_event("c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"))
     result = tool.run("--full-sync", misp_event_limit_per_page=1, remove_guard_percent=100)
     assert result.code == 0, result.stderr
     assert result.counts["events"] == 4  # five selected at the start; one of them slid past the reader
@@ -164,6 +165,7 @@ def test_a_retracted_vetted_value_goes_although_an_unvetted_copy_remains(tool: T
     assert tool.run().code == 0
     assert ("DomainName", "vetted-copy.top") in owned(tool)
     tool.misp.set_attribute("70000000-0000-4000-8000-000000000011", to_ids=False)
+    tool.misp.publish_event_of("70000000-0000-4000-8000-000000000011")
     result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert result.code == 0, result.stderr
     assert tool.misp.calls("attributes"), "the value was checked with MISP"

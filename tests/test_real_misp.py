@@ -1,0 +1,142 @@
+"""Behave right on a real MISP 2.5 (issue 15): --check on the default config, edited events, 5xx output.
+
+The MISP stand-in models what a real MISP 2.5.1 does differently from a naive server: a 500 for
+``metadata`` with the warninglist flags when an event matches, an unpublish on every edit, a fresh
+session cookie on every answer (which PyMISP logs on a 5xx), and normalisation on insert.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tests.harness import TEST_FILTERS, Tool
+
+EVENT_01 = "c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"
+EVENT_03 = "37018e28-4d6a-4ace-9e41-009656db4192"
+ATTR_40103_IP = "cc1317cf-5a8f-48b9-bb20-2b086aa45cde"  # 46.101.155.38, event 01 only
+EVENT_03_ONLY = {
+    ("FileMd5", "3e7188e69da07334aa862af04851634f"), ("FileSha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8"),
+    ("FileMd5", "5944c615e31c1482bdcc3cbcfa769e4a"), ("FileSha1", "a9f51651341103926ed17ac5363f755beaa2cfe5"),
+    ("FileMd5", "d0a9bf3ef7dc08b615e2daf165b035f8"), ("FileSha1", "4c08199ea3ef9d62d1298d97676558f2d3c7994a"),
+    ("FileSha256", "b7606bb122de9d77f58125ba3052b9035b39d837277128d5d71dc49d77189dff"),
+}
+
+
+def owned(tool: Tool) -> set[tuple[str, str]]:
+    return {(t, v) for t, v, _ in tool.held()}
+
+
+# --- 1. --check on the default config ---------------------------------------------------------------
+
+def test_check_passes_on_a_healthy_misp_2_5_with_the_default_filters(tool: Tool) -> None:
+    assert tool.misp.warninglist_metadata_bug  # the stand-in answers metadata + enforceWarninglist with 500
+    assert TEST_FILTERS["enforceWarninglist"] is True
+    result = tool.run("--check")
+    assert result.code == 0, result.stdout
+    assert "✓ MISP: 5 events match misp_event_filters" in result.stdout
+    counted = [c.body for c in tool.misp.calls("events") if c.body.get("metadata")]
+    assert counted and all("enforceWarninglist" not in body or not body["enforceWarninglist"] for body in counted)
+
+
+def test_a_misp_server_error_in_check_is_named_as_such(tool: Tool) -> None:
+    tool.misp.inject("events", status=500, times=100,
+                     body={"name": "Internal Error", "message": "SQLSTATE[HY000]: General error", "url": "/x"})
+    result = tool.run("--check")
+    assert result.code == 2
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("  ✗ MISP")]
+    assert "MISP server error" in line and "SQLSTATE[HY000]" in line
+    assert "MISP itself failed" in result.stdout  # the fix points at MISP's log, not at the network
+    assert "network path" not in result.stdout
+
+
+# --- 2. Editing an event unpublishes it -------------------------------------------------------------
+
+def test_an_event_being_edited_keeps_its_indicators_until_it_is_deleted(tool: Tool) -> None:
+    assert tool.run().code == 0
+    before = owned(tool)
+    tool.misp.tag_event(EVENT_03, "analyst:note")  # any edit unpublishes the event
+    assert tool.misp.events() and not next(e for e in tool.misp.events() if e["uuid"] == EVENT_03)["published"]
+    edited = tool.run("--full-sync")
+    assert edited.code == 0, edited.stderr
+    assert owned(tool) == before and edited.counts["deleted"] == 0
+    assert "kept as last published" in " ".join(edited.report["kept_by_reason"])
+    tool.misp.remove_event(EVENT_03)
+    gone = tool.run("--full-sync")
+    assert gone.code == 0 and owned(tool) == before - EVENT_03_ONLY
+
+
+def test_a_retraction_inside_an_edit_takes_effect_at_the_republish(tool: Tool) -> None:
+    assert tool.run().code == 0
+    tool.misp.set_attribute(ATTR_40103_IP, to_ids=False)  # event 01 is now unpublished
+    waiting = tool.run("--full-sync")
+    assert waiting.code == 0 and ("IpAddress", "46.101.155.38") in owned(tool)
+    tool.misp.publish(EVENT_01)
+    republished = tool.run(misp_event_filters={**TEST_FILTERS, "publish_timestamp": "1h"})
+    assert republished.code == 0, republished.stderr
+    assert ("IpAddress", "46.101.155.38") not in owned(tool)
+    assert republished.report["deleted_by_reason"] == {"retracted: to_ids turned off": 1}
+
+
+def test_an_edited_events_indicator_is_refreshed_in_its_published_form(tool: Tool) -> None:
+    assert tool.run().code == 0
+    [target] = [i for i in tool.defender.active() if i["indicatorValue"] == "46.101.155.38"]
+    title = target["title"]
+    target["expirationTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    tool.misp.set_attribute(ATTR_40103_IP, comment="being rewritten")
+    edited = next(e for e in tool.misp.events() if e["uuid"] == EVENT_01)
+    edited["info"] = "a new title nobody has published yet"
+    result = tool.run("--full-sync")
+    assert result.code == 0 and result.counts["updated"] == 1
+    assert tool.defender.indicators[target["id"]]["title"] == title
+    assert tool.defender.indicators[target["id"]]["expirationTime"] > target["creationTimeDateTimeUtc"]
+
+
+def test_sites_that_want_removal_on_unpublish_can_have_it(tool: Tool) -> None:
+    assert tool.run().code == 0
+    tool.misp.unpublish(EVENT_03)
+    result = tool.run("--full-sync", keep_unpublished_edits=False)
+    assert result.code == 0 and not owned(tool) & EVENT_03_ONLY
+
+
+# --- 3. Server errors never leak a session cookie --------------------------------------------------
+
+def test_no_session_cookie_in_any_output_after_a_misp_500(tool: Tool) -> None:
+    tool.misp.inject("events", status=500, times=2)  # retried, then the read goes on
+    result = tool.run("-vv", verbose_log=True)
+    assert result.code == 0, result.stderr
+    check = tool.run("--check")
+    tool.misp.inject("events", status=500, times=100)
+    failing = tool.run("-vv", verbose_log=True)
+    assert failing.code == 1
+    cookies = set(tool.misp.cookies)
+    assert cookies
+    outputs = {"stdout/stderr": "".join(r.stdout + r.stderr for r in (result, check, failing))}
+    for path in tool.written_files():
+        if not path.name.startswith("config"):
+            outputs[path.name] = path.read_text(errors="replace")
+    assert "misp2defender.log" in outputs
+    assert "Something is broken server-side" in outputs["misp2defender.log"]  # PyMISP did log the request
+    for name, text in outputs.items():
+        for cookie in cookies:
+            assert cookie not in text, f"a MISP session cookie leaked into {name}"
+
+
+# --- Values as a real MISP stores them ----------------------------------------------------------------
+
+def test_values_normalised_by_misp_on_insert_sync_as_expected(tool: Tool) -> None:
+    event = {"Event": {"uuid": "90000000-0000-4000-8000-000000000001", "info": "inserted through the API",
+                       "published": True, "Tag": [{"name": 'workflow:state="complete"'}],
+                       "Attribute": [
+                           {"type": "domain", "category": "Network activity", "to_ids": True,
+                            "value": " Inserted-Domain[.]TOP. "},
+                           {"type": "ip-dst", "category": "Network activity", "to_ids": True,
+                            "value": "2a01:04f8:0000:0000:0000:0000:0000:0042"},
+                           {"type": "sha256", "category": "Payload delivery", "to_ids": True, "value": "zz" * 32},
+                           {"type": "domain", "category": "Network activity", "to_ids": True, "value": "*.wild.top"},
+                       ]}}
+    stored = tool.misp.add_event(event, normalise=True)
+    assert [a["value"] for a in stored["Attribute"]] == ["inserted-domain.top", "2a01:4f8::42"]
+    assert len(tool.misp.dropped_on_insert) == 2  # invalid hash and wildcard dropped silently, as MISP does
+    result = tool.run()
+    assert result.code == 0, result.stderr
+    assert {("DomainName", "inserted-domain.top"), ("IpAddress", "2a01:4f8:0:0:0:0:0:42")} <= owned(tool)
