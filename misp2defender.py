@@ -29,6 +29,7 @@ import array
 import bisect
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import email.utils
@@ -56,7 +57,7 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -160,6 +161,9 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for pattern, replacement in _TOKEN_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+TENANT = contextvars.ContextVar("tenant", default="")  # the tenant a thread works for: its log lines say so
 
 
 def redact_data(value: Any, secrets: Iterable[str]) -> Any:
@@ -408,69 +412,198 @@ CLOUDS: dict[str, tuple[str, str, str]] = {
             "https://api-gov.securitycenter.microsoft.us/.default"),
 }
 
-DEFAULTS: dict[str, Any] = {
-    "graph_auth": {"tenant": "", "client_id": "", "client_secret": ""},
-    "max_indicators_per_query": 450,
-    "quota_requests": 25,
-    "targetScope": DEFAULT_SCOPE,
-    "custom_user_agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36",
-    "defender_cloud": "commercial",
-    "defender_api_url": DEFAULT_API_URL,
-    "misp_domain": "",
-    "misp_key": "",
-    "misp_verifycert": True,
-    "misp_event_filters": {
-        "published": True,
-        "tags": ['workflow:state="complete"'],
-        "enforceWarninglist": True,
-        "publish_timestamp": "2d",
-    },
-    "misp_event_limit_per_page": 100,
-    "verbose_log": True,
-    "log_file": "misp2defender.log",
-    "log_json_file": "",
-    "dry_run": False,
-    "write_parsed_eventid": True,
-    "write_parsed_indicators": True,
-    "misp_flatten_attributes": True,
-    "exclude_if_in_alienvault": False,
-    "otx_alienvault_api": "",
-    "otx_alienvault_url": "https://otx.alienvault.com",
-    "otx_max_workers": 16,
-    "days_to_expire_ignore_misp_last_seen": True,
-    "days_to_expire": 50,
-    "days_to_expire_start": "valid_from",
-    "days_to_expire_mapping": {
-        "IpAddress": 90, "FileMd5": 99999, "FileSha1": 99999, "FileSha256": 99999,
-        "Url": 365, "DomainName": 300,
-    },
-    "days_to_expire_tlpclear": 7,
-    "defender_application": "MISP",
-    "defender_severity": "Medium",
-    "defender_recommended_actions": "Block",
-    "defender_generate_alert": True,
-    "defender_action": "Audit",
-    "defender_rbac_group_names": [],
-    "defender_max_indicators": 15000,
-    "check_if_already_in_defender": True,
-    "keep_unpublished_edits": True,
-    "limit_vetted_attributes_from_specific_events": ['curation:source="MISP-TEST"'],
-    "vetted_attribute_classifier": ['course-of-action:active="deny"'],
-    "remove_guard_percent": 50,
-    "max_retries": 5,
-    "max_retry_wait": 300,
-    "max_run_seconds": 10800,
-    "request_timeout": 60,
-    "lock_file": "",
-    "proxies": {},
-}
-GRAPH_AUTH_KEYS = ("tenant", "client_id", "client_secret", "authority",
-                   "client_certificate", "client_certificate_thumbprint")
+
+# --- Checks for one config value: each returns what Settings holds, or raises ConfigError naming the key ---
+
+def _expect(name: str, value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
+    # bool is an int in Python; a True where a number belongs is a typo, not a number.
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ConfigError(f"config key {name} must be {what}, not {value!r}")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"config key {name} must be {what}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def _one_of(name: str, value: Any, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"config key {name} is {value!r}; allowed values: {', '.join(allowed)}")
+    return value
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
+    _expect(name, value, int, "a whole number")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"config key {name} must be {bound}, not {value}")
+    return value
+
+
+def _positive_number(name: str, value: Any) -> float:
+    _expect(name, value, (int, float), "a number of seconds")
+    if not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"config key {name} must be a positive number of seconds, not {value}")
+    return float(value)
+
+
+def _tag_list(name: str, value: Any) -> frozenset[str]:
+    _expect(name, value, (list, tuple, set), "a list of tag names")
+    for item in value:
+        _expect(name, item, str, "a list of tag names")
+    return frozenset(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    return _expect(name, value, bool, "True or False")
+
+
+def text(name: str, value: Any) -> str:
+    return _expect(name, value, str, "a string")
+
+
+def nonempty_text(name: str, value: Any) -> str:
+    if not text(name, value).strip():
+        raise ConfigError(f"config key {name} must not be empty")
+    return value
+
+
+def integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, Any], int]:
+    return lambda name, value: _positive_int(name, value, minimum, maximum)
+
+
+def choice(*allowed: str) -> Callable[[str, Any], str]:
+    return lambda name, value: _one_of(name, value, allowed)
+
+
+def percentage(name: str, value: Any) -> float:
+    _expect(name, value, (int, float), "a percentage")
+    if not 0 <= value <= 100:
+        raise ConfigError(f"config key {name} must be between 0 and 100, not {value}")
+    return float(value)
+
+
+def string_list(name: str, value: Any) -> tuple[str, ...]:
+    _expect(name, value, (list, tuple), "a list")
+    for item in value:
+        _expect(name, item, str, "a list of strings")
+    return tuple(value)
+
+
+def lifetimes_by_type(name: str, value: Any) -> dict[str, int]:
+    _expect(name, value, dict, "a dict")
+    for key, days in value.items():
+        _one_of(name, key, INDICATOR_TYPES)
+        _positive_int(f"{name}['{key}']", days, minimum=0)
+    return dict(value)
+
+
+def a_dict(what: str) -> Callable[[str, Any], dict]:
+    return lambda name, value: dict(_expect(name, value, dict, what))
+
+
+def ca_choice(name: str, value: Any) -> bool | str:
+    _expect(name, value, (bool, str), "True, False or a CA bundle path")
+    if isinstance(value, str) and not Path(value).is_file():
+        raise ConfigError(f"config key {name} names a CA bundle {value!r} that does not exist")
+    return value
 
 
 @dataclass(frozen=True)
+class Option:
+    """One config.py setting: the Settings field it fills, its default, its check, who may set it.
+
+    ``tenant``: a tenant entry may override it. A check of None means build_settings handles the
+    key itself (it depends on other keys: presets, credentials, paths).
+    """
+
+    field: str
+    default: Any
+    check: Callable[[str, Any], Any] | None
+    tenant: bool = False
+
+
+OPTIONS: dict[str, Option] = {
+    # Microsoft Entra and Defender
+    "graph_auth": Option("", {"tenant": "", "client_id": "", "client_secret": ""}, None, tenant=True),
+    "max_indicators_per_query": Option("max_indicators_per_query", 450, integer(1, 500), tenant=True),
+    "quota_requests": Option("quota_requests", 25, integer(1), tenant=True),
+    "targetScope": Option("target_scope", DEFAULT_SCOPE, None, tenant=True),
+    "custom_user_agent": Option("user_agent", "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36",
+                                text),
+    "defender_cloud": Option("", "commercial", choice(*CLOUDS), tenant=True),
+    "defender_api_url": Option("api_url", DEFAULT_API_URL, None, tenant=True),
+    "proxies": Option("proxies", {}, a_dict("a dict like {'https': 'http://proxy:3128'}"), tenant=True),
+    "request_timeout": Option("request_timeout", 60, _positive_number),
+    "max_retries": Option("max_retries", 5, integer(0)),
+    "max_retry_wait": Option("max_retry_wait", 300, _positive_number),
+    "max_run_seconds": Option("max_run_seconds", 10800, _positive_number),
+    # MISP
+    "misp_domain": Option("misp_url", "", None),
+    "misp_key": Option("misp_key", "", None),
+    "misp_verifycert": Option("misp_verifycert", True, ca_choice),
+    "misp_event_filters": Option("misp_event_filters", {
+        "published": True, "tags": ['workflow:state="complete"'], "enforceWarninglist": True,
+        "publish_timestamp": "2d"}, a_dict("a dict of MISP restSearch filters"), tenant=True),
+    "misp_event_limit_per_page": Option("misp_page_size", 100, integer(1)),
+    "misp_flatten_attributes": Option("misp_flatten_attributes", True, flag),
+    # Logging and outputs
+    "verbose_log": Option("verbose_log", True, flag),
+    "log_file": Option("log_file", "misp2defender.log", None),
+    "log_json_file": Option("log_json_file", "", None),
+    "dry_run": Option("dry_run", False, flag),
+    "write_parsed_eventid": Option("write_parsed_eventid", True, flag),
+    "write_parsed_indicators": Option("write_parsed_indicators", True, flag),
+    "lock_file": Option("lock_file", "", None),
+    # AlienVault OTX
+    "exclude_if_in_alienvault": Option("exclude_if_in_alienvault", False, flag),
+    "otx_alienvault_api": Option("otx_key", "", None),
+    "otx_alienvault_url": Option("otx_url", "https://otx.alienvault.com", nonempty_text),
+    "otx_max_workers": Option("otx_max_workers", 16, integer(1, 64)),
+    # Indicator expiry
+    "days_to_expire_ignore_misp_last_seen": Option("ignore_last_seen", True, flag),
+    "days_to_expire": Option("days_to_expire", 50, integer(0), tenant=True),
+    "days_to_expire_start": Option("", "valid_from", choice("valid_from", "current_date"), tenant=True),
+    "days_to_expire_mapping": Option("days_to_expire_mapping", {
+        "IpAddress": 90, "FileMd5": 99999, "FileSha1": 99999, "FileSha256": 99999, "Url": 365, "DomainName": 300},
+        lifetimes_by_type, tenant=True),
+    "days_to_expire_tlpclear": Option("days_to_expire_tlpclear", 7, integer(0), tenant=True),
+    # Defender indicators
+    "defender_application": Option("application", "MISP", nonempty_text, tenant=True),
+    "defender_severity": Option("severity", "Medium", choice(*SEVERITIES), tenant=True),
+    "defender_recommended_actions": Option("recommended_actions", "Block", text, tenant=True),
+    "defender_generate_alert": Option("generate_alert", True, flag, tenant=True),
+    "defender_action": Option("action", "Audit", choice(*ACTIONS), tenant=True),
+    "defender_rbac_group_names": Option("rbac_group_names", [], string_list, tenant=True),
+    "defender_max_indicators": Option("max_indicators", 15000, integer(1), tenant=True),
+    # Reconciliation and selection
+    "check_if_already_in_defender": Option("check_existing", True, flag),
+    "keep_unpublished_edits": Option("keep_unpublished_edits", True, flag),
+    "remove_guard_percent": Option("remove_guard_percent", 50, percentage, tenant=True),
+    "limit_vetted_attributes_from_specific_events": Option("vetted_event_tags", ['curation:source="MISP-TEST"'],
+                                                           _tag_list),
+    "vetted_attribute_classifier": Option("vetted_attribute_tags", ['course-of-action:active="deny"'], _tag_list),
+    "include_tags": Option("include_tags", [], _tag_list, tenant=True),
+    "exclude_tags": Option("exclude_tags", [], _tag_list, tenant=True),
+    # Several tenants
+    "tenants": Option("", [], None),
+    "max_parallel_tenants": Option("max_parallel_tenants", 4, integer(1, 64)),
+}
+DEFAULTS: dict[str, Any] = {name: option.default for name, option in OPTIONS.items()}
+TENANT_KEYS = frozenset({"name", *(name for name, option in OPTIONS.items() if option.tenant)})
+GRAPH_AUTH_KEYS = ("tenant", "client_id", "client_secret", "authority",
+                   "client_certificate", "client_certificate_thumbprint")
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything a run reads from config.py, validated and with defaults and presets resolved."""
+    """Everything a run reads from config.py, validated and with defaults and presets resolved.
+
+    With several tenants there is one Settings per tenant (``name``): the shared settings are the
+    same in each, the per-tenant ones are that tenant's.
+    """
+
+    name: str = ""  # the tenant's name; "" for a config without tenants
 
     tenant: str
     client_id: str
@@ -522,6 +655,9 @@ class Settings:
     request_timeout: float
     lock_file: str
     proxies: Mapping[str, str]
+    include_tags: frozenset[str] = frozenset()
+    exclude_tags: frozenset[str] = frozenset()
+    max_parallel_tenants: int = 4
     config_path: str = ""
     notes: tuple[str, ...] = ()  # config warnings: likely typos, short secrets
 
@@ -561,37 +697,6 @@ def load_config_module(path: str | Path) -> dict[str, Any]:
             if not name.startswith("_") and not callable(value) and not isinstance(value, type(os))}
 
 
-def _expect(name: str, value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
-    # bool is an int in Python; a True where a number belongs is a typo, not a number.
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise ConfigError(f"config key {name} must be {what}, not {value!r}")
-    if not isinstance(value, kinds):
-        raise ConfigError(f"config key {name} must be {what}, not {type(value).__name__} {value!r}")
-    return value
-
-
-def _one_of(name: str, value: Any, allowed: Iterable[str]) -> str:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"config key {name} is {value!r}; allowed values: {', '.join(allowed)}")
-    return value
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
-    _expect(name, value, int, "a whole number")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise ConfigError(f"config key {name} must be {bound}, not {value}")
-    return value
-
-
-def _positive_number(name: str, value: Any) -> float:
-    _expect(name, value, (int, float), "a number of seconds")
-    if not value > 0 or not math.isfinite(value):
-        raise ConfigError(f"config key {name} must be a positive number of seconds, not {value}")
-    return float(value)
-
-
 def _warn_if_short(name: str, secret: str, notes: list[str]) -> None:
     if secret and len(secret) < SHORT_SECRET:
         notes.append(f"config key {name} is shorter than {SHORT_SECRET} characters: it is redacted from output "
@@ -612,51 +717,48 @@ def check_writable(name: str, path: str) -> None:
         raise ConfigError(f"{name} {path!r} is not writable by this user", "files")
 
 
-def _tag_list(name: str, value: Any) -> frozenset[str]:
-    _expect(name, value, (list, tuple, set), "a list of tag names")
-    for item in value:
-        _expect(name, item, str, "a list of tag names")
-    return frozenset(value)
-
-
 def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
-                   config_path: str = "", dry_run: bool = False) -> Settings:
+                   config_path: str = "", dry_run: bool = False, *, name: str = "",
+                   require_credentials: bool = True) -> Settings:
     """Validate config names, types and values; resolve presets and environment secrets.
 
-    Runs before any network call: every mistake here names the config key that is wrong.
+    Runs before any network call: every mistake here names the config key that is wrong. The
+    settings in the OPTIONS table are checked by their own check; the ones that depend on other
+    keys (credentials, cloud presets, MISP, OTX, file paths) are checked here.
     """
     environ = os.environ if environ is None else environ
     notes: list[str] = []  # warnings, logged once logging is set up (Settings.notes)
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    for name in unknown:
-        notes.append(f"config key {name} is not a misp2defender setting (a typo?); it is ignored")
-    cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in DEFAULTS}}
+    for key in sorted(set(raw) - set(OPTIONS)):
+        notes.append(f"config key {key} is not a misp2defender setting (a typo?); it is ignored")
+    cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in OPTIONS}}
+    fields: dict[str, Any] = {}
+    for key, option in OPTIONS.items():
+        if option.check is not None:
+            value = option.check(key, cfg[key])
+            if option.field:
+                fields[option.field] = value
 
     auth = _expect("graph_auth", cfg["graph_auth"], dict, "a dict")
     for key in sorted(set(auth) - set(GRAPH_AUTH_KEYS)):
         notes.append(f"config key graph_auth['{key}'] is not known (a typo?); it is ignored")
-    auth_values = {}
-    for key in GRAPH_AUTH_KEYS:
-        auth_values[key] = _expect(f"graph_auth['{key}']", auth.get(key) or "", str, "a string").strip()
+    auth_values = {key: _expect(f"graph_auth['{key}']", auth.get(key) or "", str, "a string").strip()
+                   for key in GRAPH_AUTH_KEYS}
     client_secret = environ.get(SECRET_ENVIRONMENT["client_secret"]) or auth_values["client_secret"]
-    misp_key = environ.get(SECRET_ENVIRONMENT["misp_key"]) or _expect("misp_key", cfg["misp_key"], str, "a string")
-    otx_key = environ.get(SECRET_ENVIRONMENT["otx_alienvault_api"]) or _expect(
-        "otx_alienvault_api", cfg["otx_alienvault_api"], str, "a string")
+    misp_key = environ.get(SECRET_ENVIRONMENT["misp_key"]) or text("misp_key", cfg["misp_key"])
+    otx_key = environ.get(SECRET_ENVIRONMENT["otx_alienvault_api"]) or text("otx_alienvault_api",
+                                                                           cfg["otx_alienvault_api"])
 
-    cloud = _one_of("defender_cloud", cfg["defender_cloud"], CLOUDS)
-    cloud_api, cloud_authority, cloud_scope = CLOUDS[cloud]
+    cloud_api, cloud_authority, cloud_scope = CLOUDS[cfg["defender_cloud"]]
     api_url = raw.get("defender_api_url", cloud_api)
     authority = auth_values["authority"] or cloud_authority
     scope = raw.get("targetScope", cloud_scope)
-    for name, url in (("defender_api_url", api_url), ("graph_auth['authority']", authority)):
-        _expect(name, url, str, "an https URL")
+    for key, url in (("defender_api_url", api_url), ("graph_auth['authority']", authority)):
+        _expect(key, url, str, "an https URL")
         if not url.startswith("https://"):
-            raise ConfigError(f"config key {name} must be an https URL, not {url!r}")
-    _expect("targetScope", scope, str, "a string")
-    if not scope:
-        raise ConfigError("config key targetScope must not be empty")
+            raise ConfigError(f"config key {key} must be an https URL, not {url!r}")
+    nonempty_text("targetScope", scope)
 
-    misp_url = _expect("misp_domain", cfg["misp_domain"], str, "a URL").strip()
+    misp_url = text("misp_domain", cfg["misp_domain"]).strip()
     if not misp_url:
         raise ConfigError("config key misp_domain is required: the full URL of your MISP instance")
     if not misp_url.startswith(("http://", "https://")):
@@ -664,13 +766,9 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     if not misp_key:
         raise ConfigError("config key misp_key is required (or set MISP2DEFENDER_MISP_KEY): "
                           "a MISP API key that can read events")
-    verify = _expect("misp_verifycert", cfg["misp_verifycert"], (bool, str), "True, False or a CA bundle path")
-    if isinstance(verify, str) and not Path(verify).is_file():
-        raise ConfigError(f"config key misp_verifycert names a CA bundle {verify!r} that does not exist")
 
-    filters = _expect("misp_event_filters", cfg["misp_event_filters"], dict, "a dict of MISP restSearch filters")
-    dry_run = _expect("dry_run", cfg["dry_run"], bool, "True or False") or dry_run
-    if not dry_run:
+    dry_run = fields["dry_run"] or dry_run
+    if not dry_run and require_credentials:
         for key in ("tenant", "client_id"):
             if not auth_values[key]:
                 raise ConfigError(f"config key graph_auth['{key}'] is required: "
@@ -685,87 +783,85 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         if not re.fullmatch(r"[0-9A-Fa-f]{40}", auth_values["client_certificate_thumbprint"].replace(":", "")):
             raise ConfigError("config key graph_auth['client_certificate_thumbprint'] must be the "
                               "certificate's SHA-1 thumbprint (40 hex digits)")
-
-    mapping = _expect("days_to_expire_mapping", cfg["days_to_expire_mapping"], dict, "a dict")
-    for key, days in mapping.items():
-        _one_of("days_to_expire_mapping", key, INDICATOR_TYPES)
-        _positive_int(f"days_to_expire_mapping['{key}']", days, minimum=0)
-    start = _one_of("days_to_expire_start", cfg["days_to_expire_start"], ("valid_from", "current_date"))
-    exclude_otx = _expect("exclude_if_in_alienvault", cfg["exclude_if_in_alienvault"], bool, "True or False")
-    if exclude_otx and not otx_key:
+    if fields["exclude_if_in_alienvault"] and not otx_key:
         raise ConfigError("config key otx_alienvault_api is required when exclude_if_in_alienvault "
                           "is True (or set MISP2DEFENDER_OTX_KEY)")
-    rbac = _expect("defender_rbac_group_names", cfg["defender_rbac_group_names"], (list, tuple), "a list")
-    for group in rbac:
-        _expect("defender_rbac_group_names", group, str, "a list of device group names")
-    proxies = _expect("proxies", cfg["proxies"], dict, "a dict like {'https': 'http://proxy:3128'}")
-    guard = _expect("remove_guard_percent", cfg["remove_guard_percent"], (int, float), "a percentage")
-    if not 0 <= guard <= 100:
-        raise ConfigError(f"config key remove_guard_percent must be between 0 and 100, not {guard}")
-    timeout = _expect("request_timeout", cfg["request_timeout"], (int, float), "a number of seconds")
-    if timeout <= 0:
-        raise ConfigError(f"config key request_timeout must be positive, not {timeout}")
-    log_file = _expect("log_file", cfg["log_file"], str, "a file path")
-    lock_file = _expect("lock_file", cfg["lock_file"], str, "a file path") or str(
+
+    log_file = text("log_file", cfg["log_file"])
+    lock_file = text("lock_file", cfg["lock_file"]) or str(
         Path(log_file or "misp2defender.log").with_name("misp2defender.lock"))
-    for name, path in (("log_file", log_file), ("lock_file", lock_file), ("log_json_file", cfg["log_json_file"])):
-        check_writable(f"config key {name}", _expect(name, path, str, "a file path"))
-    for name in ("misp_key", "otx_alienvault_api"):
-        _warn_if_short(name, {"misp_key": misp_key, "otx_alienvault_api": otx_key}[name], notes)
-    _warn_if_short("graph_auth['client_secret']", client_secret, notes)
+    log_json_file = text("log_json_file", cfg["log_json_file"])
+    for key, path in (("log_file", log_file), ("lock_file", lock_file), ("log_json_file", log_json_file)):
+        check_writable(f"config key {key}", path)
+    for key, secret in (("misp_key", misp_key), ("otx_alienvault_api", otx_key),
+                        ("graph_auth['client_secret']", client_secret)):
+        _warn_if_short(key, secret, notes)
 
-    def flag(name: str) -> bool:
-        return _expect(name, cfg[name], bool, "True or False")
-
-    def text(name: str) -> str:
-        return _expect(name, cfg[name], str, "a string")
-
-    application = text("defender_application")
-    if not application.strip():
-        raise ConfigError("config key defender_application must not be empty: it marks the "
-                          "indicators this tool owns")
     return Settings(
+        **fields, name=name,
         tenant=auth_values["tenant"], client_id=auth_values["client_id"], client_secret=client_secret,
         client_certificate=auth_values["client_certificate"],
         client_certificate_thumbprint=auth_values["client_certificate_thumbprint"].replace(":", ""),
         authority=authority.rstrip("/"), target_scope=scope, api_url=api_url.rstrip("/"),
-        user_agent=text("custom_user_agent") or f"misp2defender/{__version__}",
-        max_indicators_per_query=_positive_int("max_indicators_per_query", cfg["max_indicators_per_query"],
-                                               maximum=500),
-        quota_requests=_positive_int("quota_requests", cfg["quota_requests"]),
-        misp_url=misp_url, misp_key=misp_key, misp_verifycert=verify,
-        misp_event_filters=dict(filters),
-        misp_page_size=_positive_int("misp_event_limit_per_page", cfg["misp_event_limit_per_page"]),
-        misp_flatten_attributes=flag("misp_flatten_attributes"),
-        verbose_log=flag("verbose_log"), log_file=log_file, log_json_file=text("log_json_file"),
-        dry_run=dry_run, write_parsed_eventid=flag("write_parsed_eventid"),
-        write_parsed_indicators=flag("write_parsed_indicators"),
-        exclude_if_in_alienvault=exclude_otx, otx_key=otx_key,
-        otx_url=text("otx_alienvault_url").rstrip("/"),
-        otx_max_workers=_positive_int("otx_max_workers", cfg["otx_max_workers"], maximum=64),
-        ignore_last_seen=flag("days_to_expire_ignore_misp_last_seen"),
-        days_to_expire=_positive_int("days_to_expire", cfg["days_to_expire"], minimum=0),
-        expire_from_current_date=start == "current_date",
-        days_to_expire_mapping=dict(mapping),
-        days_to_expire_tlpclear=_positive_int("days_to_expire_tlpclear", cfg["days_to_expire_tlpclear"], minimum=0),
-        application=application, severity=_one_of("defender_severity", cfg["defender_severity"], SEVERITIES),
-        recommended_actions=text("defender_recommended_actions"),
-        generate_alert=flag("defender_generate_alert"),
-        action=_one_of("defender_action", cfg["defender_action"], ACTIONS),
-        rbac_group_names=tuple(rbac),
-        max_indicators=_positive_int("defender_max_indicators", cfg["defender_max_indicators"]),
-        check_existing=flag("check_if_already_in_defender"),
-        keep_unpublished_edits=flag("keep_unpublished_edits"),
-        vetted_event_tags=_tag_list("limit_vetted_attributes_from_specific_events",
-                                    cfg["limit_vetted_attributes_from_specific_events"]),
-        vetted_attribute_tags=_tag_list("vetted_attribute_classifier", cfg["vetted_attribute_classifier"]),
-        remove_guard_percent=float(guard),
-        max_retries=_positive_int("max_retries", cfg["max_retries"], minimum=0),
-        max_retry_wait=_positive_number("max_retry_wait", cfg["max_retry_wait"]),
-        max_run_seconds=_positive_number("max_run_seconds", cfg["max_run_seconds"]),
-        request_timeout=float(timeout), lock_file=lock_file, proxies=dict(proxies),
+        misp_url=misp_url, misp_key=misp_key, otx_key=otx_key,
+        log_file=log_file, log_json_file=log_json_file, lock_file=lock_file,
+        expire_from_current_date=cfg["days_to_expire_start"] == "current_date",
         config_path=config_path, notes=tuple(notes),
     )
+
+
+def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, config_path: str = "",
+                  dry_run: bool = False, only: Iterable[str] = (), require_credentials: bool = True) -> list[Settings]:
+    """The Defender tenants a run serves: one from a plain config, one per ``tenants`` entry otherwise.
+
+    The top-level settings are every tenant's defaults; an entry may override the settings marked
+    ``tenant`` in OPTIONS, and its graph_auth is merged over the top-level one (one multi-tenant
+    Entra app: client id and credential written once, a ``tenant`` per entry). Every mistake names
+    the tenant and the key, before anything is contacted.
+    """
+    environ = os.environ if environ is None else environ
+    entries = raw.get("tenants", [])
+    only = list(only)
+    if not entries:
+        if only:
+            raise ConfigError(f"--tenant {only[0]}: config.py defines no tenants (see 'Several tenants')")
+        return [build_settings(raw, environ, config_path, dry_run, require_credentials=require_credentials)]
+    _expect("tenants", entries, (list, tuple), "a list of dicts, one per Defender tenant")
+    base = {k: v for k, v in raw.items() if k != "tenants"}
+    build_settings(base, environ, config_path, dry_run, require_credentials=False)  # the shared part first
+    tenants, names = [], set()
+    for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config key tenants: entry {position} must be a dict, not {type(entry).__name__}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
+            raise ConfigError(f"config key tenants: entry {position} needs a 'name' of 1-64 letters, digits, "
+                              f"'_', '.' or '-' (it names files), not {name!r}")
+        if name in names:
+            raise ConfigError(f"config key tenants: the name {name!r} is used twice")
+        names.add(name)
+        unknown = sorted(set(entry) - TENANT_KEYS)
+        if unknown:
+            raise ConfigError(f"tenant {name!r}: key {unknown[0]!r} cannot be set per tenant (a typo, or a "
+                              "setting shared by every tenant)")
+        auth = entry.get("graph_auth", {})
+        if not isinstance(auth, dict):
+            raise ConfigError(f"tenant {name!r}: config key graph_auth must be a dict, not {type(auth).__name__}")
+        merged = {**base, **{k: v for k, v in entry.items() if k != "name"},
+                  "graph_auth": {**base.get("graph_auth", {}), **auth}}
+        # The tenant's own secret wins over the environment's, which stands for the top-level one.
+        tenant_environ = ({k: v for k, v in environ.items() if k != SECRET_ENVIRONMENT["client_secret"]}
+                          if auth.get("client_secret") else environ)
+        try:
+            tenants.append(build_settings(merged, tenant_environ, config_path, dry_run, name=name,
+                                          require_credentials=require_credentials))
+        except ConfigError as exc:
+            raise ConfigError(f"tenant {name!r}: {exc}", exc.service) from None
+    unknown_names = [n for n in only if n not in names]
+    if unknown_names:
+        raise ConfigError(f"--tenant {unknown_names[0]}: no such tenant in config.py "
+                          f"(known: {', '.join(sorted(names))})")
+    return [t for t in tenants if not only or t.name in only]
 
 
 def warn_if_config_exposes_secrets(path: str | Path, raw: Mapping[str, Any]) -> None:
@@ -1426,13 +1522,16 @@ def map_attribute(attribute: Any, event: EventContext, settings: Settings, now: 
     return event_mapper(event, settings, now)(attribute)
 
 
-def event_mapper(event: EventContext, settings: Settings,
-                 now: float) -> Callable[[Any], list[Outcome | Candidate]]:
+def event_mapper(event: EventContext, settings: Settings, now: float,
+                 normalised: dict[tuple[str, str], str | Rejected] | None = None
+                 ) -> Callable[[Any], list[Outcome | Candidate]]:
     """map_attribute for every attribute of one event, with the per-event facts worked out once.
 
     This is the sync's hot path (a large MISP has millions of attributes): the closure keeps what
-    every attribute of the event shares in local variables.
+    every attribute of the event shares in local variables. ``normalised`` lets the mappers of
+    several tenants share one normalisation of each value (the costly part) for the event.
     """
+    include, exclude = settings.include_tags, settings.exclude_tags
     vetted_event = bool(event.tags & settings.vetted_event_tags)
     vetted_tags = settings.vetted_attribute_tags
     event_severity = event.severity or settings.severity
@@ -1448,6 +1547,12 @@ def event_mapper(event: EventContext, settings: Settings,
         if parts is None:
             return _skip(f"type {misp_type} has no Defender indicator type" if isinstance(misp_type, str)
                          else "attribute has no type")
+        if include or exclude:  # a tenant's selection: before anything else is worked out
+            tags = event.tags | tag_names(attribute)
+            if include and not tags & include:
+                return _skip("not for this tenant: no include_tags tag")
+            if exclude and tags & exclude:
+                return _skip("not for this tenant: an exclude_tags tag")
         raw_value = attribute.get("value")
         if not isinstance(raw_value, str) or not raw_value.strip():
             return [_rejected("empty or missing value", attribute, event)]
@@ -1463,12 +1568,17 @@ def event_mapper(event: EventContext, settings: Settings,
         keys: list[tuple[str, str | Rejected]] = []
         for indicator_type, part in parts:
             value = raw_value if part is None else raw_value.split("|", 1)[part]
-            try:
-                keys.append((indicator_type, NORMALISERS[indicator_type](value)))
-            except Rejected as exc:
-                if len(parts) == 1:
-                    return [_rejected(str(exc), attribute, event)]
-                keys.append((indicator_type, exc))  # domain|ip: one bad half does not spoil the other
+            found = normalised.get((indicator_type, value)) if normalised is not None else None
+            if found is None:
+                try:
+                    found = NORMALISERS[indicator_type](value)
+                except Rejected as exc:
+                    found = exc
+                if normalised is not None:
+                    normalised[indicator_type, value] = found
+            if isinstance(found, Rejected) and len(parts) == 1:
+                return [_rejected(str(found), attribute, event)]
+            keys.append((indicator_type, found))  # domain|ip: one bad half does not spoil the other
 
         attribute_tags = tag_names(attribute) if attribute.get("Tag") else NO_TAGS
         if attribute_tags:
@@ -1614,6 +1724,7 @@ class Desired:
     _heap: list = field(default_factory=list, repr=False)
     _seen: set[int] = field(default_factory=set, repr=False)  # fingerprints of every candidate key
     _distinct_elsewhere: int = 0  # keys only a helper reader saw
+    dropped: bool = False  # the tenant dropped out during the read (its listing failed)
 
     def add(self, outcome: Outcome | Candidate) -> None:
         if type(outcome) is Candidate:
@@ -1730,49 +1841,77 @@ def collect(events: Iterable[dict], settings: Settings, now: float,
             finish: bool = True) -> Desired:
     """Map every attribute of ``events`` into ``desired`` (finished unless told otherwise)."""
     desired = Desired() if desired is None else desired
-    flatten = settings.misp_flatten_attributes
-    for event in events:
-        context = event_context(event)
-        if on_event:
-            on_event(context)
-        map_one = event_mapper(context, settings, now)
-        add = desired.add
-        for attribute in event_attributes(event, flatten):
-            desired.attributes += 1
-            for outcome in map_one(attribute):
-                add(outcome)
+    collect_for(events, [Target(settings, desired)], now, on_event)
     if finish:
         desired.finish()
     return desired
 
 
+@dataclass
+class Target:
+    """One tenant's share of a MISP read: its settings, and the Desired its mapping fills (None: dropped)."""
+
+    settings: Settings
+    desired: Desired | None
+
+
+def collect_for(events: Iterable[dict], targets: list[Target], now: float,
+                on_event: Callable[[EventContext], None] | None = None) -> None:
+    """Map every attribute of ``events`` for each target; several tenants share each value's normalisation."""
+    flatten = targets[0].settings.misp_flatten_attributes
+    shared = len(targets) > 1
+    for event in events:
+        context = event_context(event)
+        if on_event:
+            on_event(context)
+        attributes = list(event_attributes(event, flatten))
+        normalised: dict | None = {} if shared else None
+        for target in targets:
+            desired = target.desired
+            if desired is None:
+                continue
+            map_one = event_mapper(context, target.settings, now, normalised)
+            add = desired.add
+            desired.attributes += len(attributes)
+            for attribute in attributes:
+                for outcome in map_one(attribute):
+                    add(outcome)
+
+
 # --- Reading the whole selection: page 1 here, the rest shared with a helper when it is large ---
+
+Bounds = tuple[frozenset | None, int | None] | None  # (keys Defender holds, room); None: the tenant dropped out
+
 
 @dataclass
 class HelperProcess:
     """The parent's handle on a helper reader: the process and the parent's ends of its pipes."""
 
     process: Any
-    results: Any  # the helper's bounded result comes back here
-    bounds: Any  # the keys Defender holds and the room go out here
+    results: Any  # the helper's bounded results come back here
+    bounds: Any  # each tenant's bounds go out here
+    sent: bool = False
 
 
 class SelectionReader:
-    """Reads and maps every selected MISP event into a ``Desired``, in two steps.
+    """Reads and maps every selected MISP event once, for every tenant that shares the selection.
 
     Mapping is CPU-bound and a large MISP holds millions of attributes. So ``start()`` reads the
     first page; when it comes back full and the machine has a second core, a helper process starts
-    at once (its PyMISP connection and first page overlap the Defender listing) and then shares the
+    at once (its PyMISP connection and first page overlap the Defender listings) and then shares the
     remaining pages with this process: each takes the next unread page, so neither waits for the
-    other. The helper keeps a bounded ``Desired`` of its own, folded in at the end. Small reads never
-    start a process. The helper never outlives this process (see ``_helper_reader``).
+    other. Each tenant's ``Desired`` starts unbounded and takes its bounds (the keys its Defender
+    holds, its room) as soon as its listing is done; a tenant whose listing failed drops out. The
+    helper keeps bounded ``Desired`` values of its own, folded in at the end. Small reads never start
+    a process. The helper never outlives this process (see ``_helper_reader``).
     """
 
-    def __init__(self, misp: MispSource, settings: Settings, full_sync: bool, now: float, *,
+    def __init__(self, misp: MispSource, tenants: Sequence[Settings], full_sync: bool, now: float, *,
                  start_method: str | None = None, close_in_helper: Iterable[int] = ()):
-        self.misp, self.settings, self.full_sync, self.now = misp, settings, full_sync, now
+        self.misp, self.tenants, self.full_sync, self.now = misp, list(tenants), full_sync, now
+        self.settings = self.tenants[0]  # what the tenants share: MISP, paging, logging
         # fork is quick and shares what this process holds; a process with other threads
-        # (tests, embedding callers) must not fork, so it starts a fresh interpreter instead.
+        # (tests, embedding callers, tenants being listed) must not fork: it starts a fresh interpreter.
         self.start_method = start_method or ("fork" if threading.active_count() == 1 else "spawn")
         self.close_in_helper = tuple(close_in_helper)
         self.status = MispReadStatus()
@@ -1796,32 +1935,64 @@ class SelectionReader:
             inherited = ((results.fileno(), bounds.fileno(), *self.close_in_helper)
                          if self.start_method == "fork" else ())
             process = context.Process(target=_helper_reader, daemon=True, args=(
-                results_end, bounds_end, counter, self.settings, self.full_sync, self.now, os.getpid(),
+                results_end, bounds_end, counter, self.tenants, self.full_sync, self.now, os.getpid(),
                 inherited, self.misp.policy.deadline.remaining()))
             process.start()
             results_end.close()
             bounds_end.close()
             self.helper = HelperProcess(process, results, bounds)
 
-    def read_into(self, desired: Desired) -> MispReadStatus:
+    def read_into(self, desireds: list[Desired], bounds: list[concurrent.futures.Future]) -> MispReadStatus:
+        """Map every event into each tenant's Desired; ``bounds[i]`` gives tenant i's bounds when ready."""
         on_event = ((lambda e: log.info("MISP event %s: %s", e.id, e.info))
                     if self.settings.write_parsed_eventid else None)
-        if self.helper is not None:
-            try:
-                self.helper.bounds.send((desired.interesting, desired.room))
-            except OSError:
-                pass  # the helper is gone; _join_helper notices and marks the read incomplete
-        collect(self.first_page, self.settings, self.now, on_event, desired, finish=False)
+        targets = [Target(settings, desired) for settings, desired in zip(self.tenants, desireds, strict=True)]
+
+        def settle(index: int) -> None:
+            target = targets[index]
+            given = bounds[index].result()  # waits only when this tenant's listing is still going
+            if given is None:
+                target.desired = None
+            elif target.desired is not None:
+                target.desired.rebound(*given)
+
+        def bounded(events: Iterable[dict]) -> Iterator[dict]:
+            for event in events:
+                for index, target in enumerate(targets):
+                    if target.desired is not None and target.desired.interesting is None and (
+                            bounds[index].done() or len(target.desired.candidates) > UNBOUNDED_LIMIT):
+                        settle(index)
+                self._send_bounds(bounds)
+                yield event
+
+        collect_for(bounded(self.first_page), targets, self.now, on_event)
         self.first_page = []
         if self.more:
-            collect(self.misp.events(self.full_sync, self.status, next_page=self.next_page),
-                    self.settings, self.now, on_event, desired, finish=False)
+            collect_for(bounded(self.misp.events(self.full_sync, self.status, next_page=self.next_page)),
+                        targets, self.now, on_event)
+        for index, target in enumerate(targets):
+            if target.desired is not None and target.desired.interesting is None:
+                settle(index)
         if self.helper is not None:
-            self._join_helper(desired)
-        desired.finish()
+            self._send_bounds(bounds, wait=True)
+            self._join_helper(targets)
+        for target, desired in zip(targets, desireds, strict=True):
+            desired.finish()
+            if target.desired is None:
+                desired.dropped = True
         return self.status
 
-    def _join_helper(self, desired: Desired) -> None:
+    def _send_bounds(self, bounds: list[concurrent.futures.Future], wait: bool = False) -> None:
+        helper = self.helper
+        if helper is None or helper.sent or not (wait or all(b.done() for b in bounds)):
+            return
+        helper.sent = True
+        try:
+            helper.bounds.send([b.result() for b in bounds])
+        except OSError:
+            pass  # the helper is gone; _join_helper notices and marks the read incomplete
+
+    def _join_helper(self, targets: list[Target]) -> None:
         helper, self.helper = self.helper, None
         assert helper is not None
         try:
@@ -1831,11 +2002,13 @@ class SelectionReader:
                     raise EOFError("the helper process ended without a result")
                 if self.misp.policy.deadline.passed:
                     raise TimeoutError("max_run_seconds reached while waiting for the helper reader")
-            part, fingerprints, part_status, events = helper.results.recv()
+            parts, part_status, events = helper.results.recv()
         except (EOFError, OSError) as exc:  # the helper died or hung: the read is incomplete
             self.status.fail(f"MISP helper reader failed: {type(exc).__name__}: {exc}")
         else:
-            desired.absorb(part, fingerprints)
+            for target, part in zip(targets, parts, strict=True):
+                if target.desired is not None and part is not None:
+                    target.desired.absorb(*part)
             self.status.absorb(part_status)
             for event_id, info in events:
                 log.info("MISP event %s: %s", event_id, info)
@@ -1893,31 +2066,40 @@ def _bind_to_parent(parent: int, inherited: Iterable[int]) -> None:
     os.close(null)
 
 
-def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, full_sync: bool, now: float,
+def _helper_reader(results: Any, bounds: Any, counter: Any, tenants: list[Settings], full_sync: bool, now: float,
                    parent: int, inherited: tuple[int, ...], seconds_left: float) -> None:
-    """The helper process: read and map the pages it claims; send back the bounded result.
+    """The helper process: read and map the pages it claims; send back each tenant's bounded result.
 
     It starts while the parent is still listing Defender, so it maps its first pages keeping
-    every candidate, and applies the bounds (the keys Defender holds, the room) when they come.
+    every candidate, and applies the bounds (the keys each Defender holds, the room) when they come.
     """
     _bind_to_parent(parent, inherited)
+    settings = tenants[0]
     if not logging.getLogger().handlers:  # spawned: set up the log; forked: the parent's handlers came along
         setup_logging(settings, 0)
     status, events = MispReadStatus(), []
     on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
-    desired = Desired()
+    targets = [Target(tenant, Desired()) for tenant in tenants]
+    bounded_yet = False
 
     def receive_bounds() -> None:
+        nonlocal bounded_yet
         while not bounds.poll(1.0):  # bounded waits: the parent may be gone
             if os.getppid() != parent:
                 raise EOFError
-        desired.rebound(*bounds.recv())
+        for target, given in zip(targets, bounds.recv(), strict=True):
+            if given is None:
+                target.desired = None
+            elif target.desired is not None:
+                target.desired.rebound(*given)
+        bounded_yet = True
 
     def bounded(events_in: Iterable[dict]) -> Iterator[dict]:
         for event in events_in:
             if os.getppid() != parent:
                 raise EOFError
-            if desired.interesting is None and (bounds.poll() or len(desired.candidates) > UNBOUNDED_LIMIT):
+            if not bounded_yet and (bounds.poll() or any(
+                    len(t.desired.candidates) > UNBOUNDED_LIMIT for t in targets if t.desired is not None)):
                 receive_bounds()  # waits only if the parent is slow and we hold many
             yield event
 
@@ -1925,17 +2107,18 @@ def _helper_reader(results: Any, bounds: Any, counter: Any, settings: Settings, 
         policy = settings.retry_policy(Deadline(seconds_left))
         pages = MispSource(settings, policy, helper=True).events(
             full_sync, status, next_page=functools.partial(_claim_page, counter))
-        collect(bounded(pages), settings, now, on_event, desired, finish=False)
-        if desired.interesting is None:
+        collect_for(bounded(pages), targets, now, on_event)
+        if not bounded_yet:
             receive_bounds()
     except (EOFError, OSError):
         return  # the parent gave up before reading, or is gone
     except Misp2DefenderError as exc:
         status.fail(str(exc))
-    fingerprints = array.array("Q", desired.take_fingerprints())
+    parts = [None if t.desired is None else (t.desired, array.array("Q", t.desired.take_fingerprints()))
+             for t in targets]
     status.helper_peak_rss_mib = peak_rss_mib()
     with contextlib.suppress(OSError):
-        results.send((desired, fingerprints, status, events))
+        results.send((parts, status, events))
         results.close()
 
 
@@ -2255,8 +2438,8 @@ class OtxClient:
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         self.cache: dict[tuple[str, str], bool | None] = {}
+        self.lock = threading.Lock()
         self.stats = EndpointStats()
-        self.errors = 0
 
     def _path(self, indicator_type: str, value: str) -> str | None:
         from urllib.parse import quote
@@ -2301,13 +2484,18 @@ class OtxClient:
             return None
 
     def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        """The keys OTX knows; errors are counted in ``self.errors`` and treated as unknown."""
-        todo = [k for k in dict.fromkeys(keys) if k not in self.cache]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.otx_max_workers) as pool:
-            for key, answer in zip(todo, pool.map(lambda k: self.lookup(*k), todo), strict=True):
-                self.cache[key] = answer
-        self.errors = sum(1 for answer in self.cache.values() if answer is None)
-        return {k for k, answer in self.cache.items() if answer}
+        """Of these keys, the ones OTX knows; an error counts as unknown. Tenants share the answers."""
+        keys = list(dict.fromkeys(keys))
+        with self.lock:  # one tenant at a time: a value several tenants want is looked up once
+            todo = [k for k in keys if k not in self.cache]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.otx_max_workers) as pool:
+                for key, answer in zip(todo, pool.map(lambda k: self.lookup(*k), todo), strict=True):
+                    self.cache[key] = answer
+            return {k for k in keys if self.cache[k]}
+
+    def errors_for(self, keys: Iterable[tuple[str, str]]) -> int:
+        """How many of these keys OTX could not answer for."""
+        return sum(1 for k in keys if k in self.cache and self.cache[k] is None)
 
     def check_key(self) -> str:
         """'' when the key works, else what is wrong (for --check)."""
@@ -2619,8 +2807,13 @@ def exclude_known(result: Plan, known: set[tuple[str, str]]) -> int:
 
 @dataclass
 class Report:
-    """What happened; the exit code is derived from it, here and nowhere else."""
+    """What happened; the exit code is derived from it, here and nowhere else.
 
+    With several tenants each has a Report of its own in ``tenants`` and the run's Report holds
+    the totals (``add_up``); without tenants the run's Report is the one tenant's.
+    """
+
+    name: str = ""
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     dry_run: bool = False
@@ -2649,6 +2842,35 @@ class Report:
     otx_errors: int = 0
     helper_peak_rss_mib: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    tenants: dict[str, Report] = field(default_factory=dict)
+    reads: list[tuple[int, int]] = field(default_factory=list)  # (events, attributes) of each MISP read
+    secrets: list[str] = field(default_factory=list, repr=False)
+
+    def tenant(self, name: str) -> Report:
+        self.tenants[name] = Report(name=name, started=self.started, dry_run=self.dry_run, full_sync=self.full_sync)
+        return self.tenants[name]
+
+    def add_up(self) -> None:
+        """The run's totals over its tenants: MISP's counts once per read, Defender's summed."""
+        parts = list(self.tenants.values())
+        self.events = sum(events for events, _ in self.reads)
+        self.attributes = sum(attributes for _, attributes in self.reads)
+        for name in ("candidates", "duplicates", "created", "updated", "deleted", "kept", "left_out", "otx_errors"):
+            setattr(self, name, sum(getattr(p, name) for p in parts))
+        for name in ("rejected", "skipped", "deleted_by_reason", "kept_by_reason"):
+            setattr(self, name, sum((getattr(p, name) for p in parts), Counter()))
+        self.failed = [{"tenant": p.name, **item} for p in parts for item in p.failed]
+        self.left_out_items = [{"tenant": p.name, **item} for p in parts for item in p.left_out_items]
+        self.misp_error = self.misp_error or next((p.misp_error for p in parts if p.misp_error), "")
+        self.deletes_withheld = "; ".join(f"{p.name}: {p.deletes_withheld}" for p in parts if p.deletes_withheld)
+        self.helper_peak_rss_mib = max([self.helper_peak_rss_mib, *(p.helper_peak_rss_mib for p in parts)])
+        api: dict[str, EndpointStats] = {}
+        for p in parts:
+            for endpoint, stats in p.api.items():
+                total = api.setdefault(endpoint, EndpointStats())
+                for f in dataclasses.fields(EndpointStats):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
+        self.api = api
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -2669,21 +2891,31 @@ class Report:
         if self.fatal:
             # 2 promises "nothing changed": a run that fails after writing says 1.
             return EXIT_INCOMPLETE if self.fatal_code == EXIT_CANNOT_PROCEED and self.wrote else self.fatal_code
+        if self.tenants:  # 2 only when no tenant could proceed; 0 only when every tenant holds its plan
+            codes = {t.exit_code for t in self.tenants.values()}
+            return codes.pop() if len(codes) == 1 and codes <= {EXIT_OK, EXIT_CANNOT_PROCEED} else EXIT_INCOMPLETE
         if self.failed or self.left_out or self.misp_error or self.deletes_withheld:
             return EXIT_INCOMPLETE
         return EXIT_OK
 
-    def summary_line(self) -> str:
+    def summary_lines(self) -> list[str]:
+        """One line per tenant (with its name), then the run's; or the one line of a run without tenants."""
+        lines = [t.summary_line(f"misp2defender [{t.name}]") for t in self.tenants.values()]
+        total = f"misp2defender: {len(self.tenants)} tenants" if self.tenants else "misp2defender"
+        return [*lines, self.summary_line(total)]
+
+    def summary_line(self, label: str = "misp2defender") -> str:
         rejected = ", ".join(f"{n} {reason}" for reason, n in self.rejected.most_common()) or "none"
         deleted = ", ".join(f"{n} {reason}" for reason, n in self.deleted_by_reason.most_common())
         calls = sum(s.calls for name, s in self.api.items() if name in ENDPOINT_LIMITS)  # Defender's own
         mode = " (dry run: nothing written)" if self.dry_run else ""
-        return (f"misp2defender: {self.events} events, {self.attributes} attributes, {self.candidates} "
+        problem = f", error: {self.fatal}" if self.fatal and self.name else ""
+        return (f"{label}: {self.events} events, {self.attributes} attributes, {self.candidates} "
                 f"candidates ({self.duplicates} duplicates), rejected {sum(self.rejected.values())} "
                 f"[{rejected}], created {self.created}, updated {self.updated}, deleted {self.deleted}"
                 f"{f' [{deleted}]' if deleted else ''}, "
                 f"kept {self.kept}, left out {self.left_out}, failed {len(self.failed)}, "
-                f"API calls {calls}, exit {self.exit_code}{mode}")
+                f"API calls {calls}, exit {self.exit_code}{mode}{problem}")
 
     def record_read(self, desired: Desired, status: MispReadStatus) -> None:
         self.helper_peak_rss_mib = status.helper_peak_rss_mib
@@ -2733,6 +2965,7 @@ class Report:
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
             "otx_errors": self.otx_errors, "phase_seconds": self.phases,
             "api": {name: dataclasses.asdict(s) for name, s in self.api.items()},
+            **({"tenants": {name: t.as_dict() for name, t in self.tenants.items()}} if self.tenants else {}),
         }
 
 
@@ -2835,18 +3068,22 @@ def format_plan(the_plan: Plan, limit: int = 200) -> str:
 # ###########################################################################################
 
 class RedactingFormatter(logging.Formatter):
+    """Every log line redacted, and prefixed with the tenant whose thread wrote it."""
+
     def __init__(self, fmt: str, secrets: list[str]):
         super().__init__(fmt)
         self.secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
+        tenant = TENANT.get()
+        record.tenant = f"[{tenant}] " if tenant else ""
         return redact(super().format(record), self.secrets)
 
 
-def setup_logging(settings: Settings | None, verbosity: int) -> list[logging.Handler]:
+def setup_logging(settings: Settings | None, verbosity: int, secrets: list[str] | None = None) -> list[logging.Handler]:
     """File log (debug when verbose_log) and stderr (warnings; more with -v); secrets redacted."""
-    secrets = settings.secrets if settings else []
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    secrets = secrets if secrets is not None else settings.secrets if settings else []
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(tenant)s%(message)s"
     handlers: list[logging.Handler] = []
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
@@ -2910,7 +3147,8 @@ class JsonLog:
 
 
 def parsed_indicators_path(settings: Settings) -> Path:
-    return Path(settings.log_file or "misp2defender.log").with_name("misp2defender_indicators.json")
+    default = Path(settings.log_file or "misp2defender.log").with_name("misp2defender_indicators.json")
+    return Path(tenant_file(str(default), settings.name))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -2925,6 +3163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true",
                         help="check config, MISP, Entra, Defender permission (and OTX); write nothing")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of the run to FILE")
+    parser.add_argument("--tenant", metavar="NAME", action="append", default=[],
+                        help="only this tenant of the 'tenants' list (repeatable)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output on stderr (-vv: debug)")
     parser.add_argument("--version", action="version", version=f"misp2defender {__version__}")
     return parser.parse_args(argv)
@@ -2938,62 +3178,179 @@ def time_scale_from_environment() -> float:
         return 1.0
 
 
-def run(settings: Settings, args: argparse.Namespace, report: Report, deadline: Deadline,
+def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadline: Deadline,
         close_in_helper: Iterable[int] = ()) -> None:
-    """One sync: read MISP, list Defender, plan, apply (unless dry run)."""
-    dry_run = args.dry_run or settings.dry_run
-    report.dry_run, report.full_sync = dry_run, args.full_sync
-    json_log = JsonLog(settings.log_json_file, settings.secrets) if settings.log_json_file else None
-    policy = settings.retry_policy(deadline)
-    reader: SelectionReader | None = None
-    try:
-        misp = MispSource(settings, policy)
-        client = None
-        if settings.has_defender_credentials and (settings.check_existing or not dry_run):
-            client = DefenderClient(settings, policy, time_scale=time_scale_from_environment(), json_log=json_log)
-            report.api = {**client.stats, "token": client.tokens.stats}
-            client.tokens.get()  # a bad secret stops the run before any MISP paging
+    """One sync for every tenant: read MISP once per selection, then plan and apply each tenant.
 
-        # MISP's first page first (a large read starts its helper now), then Defender: its
-        # listing (≤ 15,000) says which MISP keys need full records.
-        reader = SelectionReader(misp, settings, args.full_sync, time.time(), close_in_helper=close_in_helper)
+    Tenants whose misp_event_filters are equal share one read. Each tenant is listed, planned and
+    applied in its own thread, with its own token, quotas and report: one tenant failing never stops
+    or changes another's work. A config without tenants is the one tenant whose report is the run's.
+    """
+    shared = tenants[0]
+    dry_run = args.dry_run or shared.dry_run
+    report.dry_run, report.full_sync = dry_run, args.full_sync
+    single = len(tenants) == 1 and not tenants[0].name
+    runs = [TenantRun(t, report if single else report.tenant(t.name), deadline) for t in tenants]
+    misp = MispSource(shared, shared.retry_policy(deadline))
+    misp_lock = threading.Lock()  # PyMISP's session is not shared between threads
+    otx = OtxClient(shared, shared.retry_policy(deadline)) if shared.exclude_if_in_alienvault else None
+    workers = min(shared.max_parallel_tenants, len(runs))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tenant") as listing, \
+                concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tenant") as finishing:
+            finished = []
+            for group in selection_groups(runs):
+                read_selection(misp, group, args, report, listing, close_in_helper, single)
+                finished += [finishing.submit(in_tenant, r, r.finish, misp, misp_lock, otx, args, dry_run)
+                             for r in group if r.desired is not None]
+            for future in finished:
+                future.result()
+    finally:
+        for r in runs:
+            r.close()
+    if dry_run:
+        for r in runs:
+            if r.plan_text:
+                print(redact(r.plan_text if single else f"== tenant {r.settings.name} ==\n{r.plan_text}",
+                             report.secrets))
+    if not single:
+        report.add_up()
+
+
+def selection_groups(runs: list[TenantRun]) -> list[list[TenantRun]]:
+    """Tenants with the same misp_event_filters, in config order: each group is one MISP read."""
+    groups: dict[str, list[TenantRun]] = {}
+    for r in runs:
+        groups.setdefault(json.dumps(r.settings.misp_event_filters, sort_keys=True, default=str), []).append(r)
+    return list(groups.values())
+
+
+def read_selection(misp: MispSource, group: list[TenantRun], args: argparse.Namespace, report: Report,
+                   listing: concurrent.futures.Executor, close_in_helper: Iterable[int], single: bool) -> None:
+    """One MISP read for a group of tenants, while each tenant's Defender is listed in parallel."""
+    if single:  # a bad secret stops the run before any MISP paging
+        in_tenant(group[0], group[0].authenticate)
+        if group[0].report.fatal:
+            return
+    else:
+        bounds = [listing.submit(in_tenant, r, r.prepare) for r in group]
+    reader = SelectionReader(misp, [r.settings for r in group], args.full_sync, time.time(),
+                             close_in_helper=close_in_helper)
+    try:
         with report.phase("misp_first_page"):
             reader.start()
-        existing = list_existing(client, settings, report)
-        foreign = sum(1 for e in existing if not e.owned)
-        room = max(settings.max_indicators - foreign, 0)
-        # OTX-known values are dropped before the cap: keep a second room's worth in line for their slots.
-        desired = Desired(interesting=frozenset(e.key for e in existing),
-                          room=room * 2 if settings.exclude_if_in_alienvault else room)
+        if single:  # its listing (while the helper starts) bounds its Desired from the first event
+            bounds = [concurrent.futures.Future()]
+            bounds[0].set_result(in_tenant(group[0], group[0].list_defender))
+        desireds = [Desired() for _ in group]
         with report.phase("misp_read_and_map"):
-            status = reader.read_into(desired)
-        report.record_read(desired, status)
+            status = reader.read_into(desireds, bounds)
+    finally:
+        reader.close()
+    report.reads.append((status.events, sum(d.attributes for d in desireds) // max(len(desireds), 1)))
+    for r, desired in zip(group, desireds, strict=True):
+        if r.report.fatal or desired.dropped:
+            continue  # its listing failed: the tenant's report says why
+        r.desired, r.status = desired, MispReadStatus(complete=status.complete, events=status.events,
+                                                      error=status.error,
+                                                      helper_peak_rss_mib=status.helper_peak_rss_mib)
+        r.report.record_read(desired, r.status)
 
-        held = held_by_edited_events(misp, [e.key for e in existing if e.owned], settings, status)
-        stale = [key for key in stale_keys(desired, existing, args.full_sync) if key not in held]
-        still_selected = confirm_with_misp(misp, stale, settings, status)
+
+def in_tenant(tenant_run: TenantRun, step: Callable[..., T], *args: Any) -> T | None:
+    """Run one tenant's step in its own context: its log lines carry its name, its failure stays its own."""
+    token = TENANT.set(tenant_run.settings.name)
+    try:
+        return step(*args)
+    except Misp2DefenderError as exc:
+        tenant_run.fail(str(exc), exc.exit_code)
+        log.error("%s", exc)
+    except Exception as exc:  # a bug or an unforeseen answer: this tenant stops, the others go on
+        tenant_run.fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_INCOMPLETE)
+        log.exception("unexpected error; the next run starts again from MISP and Defender")
+    finally:
+        TENANT.reset(token)
+    return None
+
+
+@dataclass
+class TenantRun:
+    """One tenant's part of a run: its Defender client, what Defender holds, what MISP wants, its plan."""
+
+    settings: Settings
+    report: Report
+    deadline: Deadline
+    client: DefenderClient | None = None
+    json_log: JsonLog | None = None
+    existing: list[Existing] = field(default_factory=list)
+    desired: Desired | None = None
+    status: MispReadStatus = field(default_factory=MispReadStatus)
+    plan_text: str = ""
+
+    def fail(self, message: str, exit_code: int) -> None:
+        self.report.fatal, self.report.fatal_code = message, exit_code
+
+    def prepare(self) -> Bounds:
+        """Token and listing: what bounds this tenant's share of the MISP read."""
+        self.authenticate()
+        return self.list_defender()
+
+    def authenticate(self) -> None:
+        s = self.settings
+        dry_run = s.dry_run or self.report.dry_run
+        if s.has_defender_credentials and (s.check_existing or not dry_run):
+            self.json_log = JsonLog(tenant_file(s.log_json_file, s.name), s.secrets) if s.log_json_file else None
+            self.client = DefenderClient(s, s.retry_policy(self.deadline), time_scale=time_scale_from_environment(),
+                                         json_log=self.json_log)
+            self.report.api = {**self.client.stats, "token": self.client.tokens.stats}
+            self.client.tokens.get()  # a bad secret stops this tenant before any listing
+
+    def list_defender(self) -> Bounds:
+        s = self.settings
+        self.existing = list_existing(self.client, s, self.report)
+        foreign = sum(1 for e in self.existing if not e.owned)
+        room = max(s.max_indicators - foreign, 0)
+        # OTX-known values are dropped before the cap: keep a second room's worth in line for their slots.
+        return frozenset(e.key for e in self.existing), room * 2 if s.exclude_if_in_alienvault else room
+
+    def finish(self, misp: MispSource, misp_lock: threading.Lock, otx: OtxClient | None,
+               args: argparse.Namespace, dry_run: bool) -> None:
+        """Confirm with MISP, plan, drop what OTX knows, write the plan out, and apply it."""
+        s, report, desired, status = self.settings, self.report, self.desired, self.status
+        assert desired is not None
+        with misp_lock:
+            held = held_by_edited_events(misp, [e.key for e in self.existing if e.owned], s, status)
+            stale = [key for key in stale_keys(desired, self.existing, args.full_sync) if key not in held]
+            still_selected = confirm_with_misp(misp, stale, s, status)
         report.misp_error = status.error
         with report.phase("plan"):
-            the_plan = plan(desired, existing, settings, read_complete=status.complete, full_sync=args.full_sync,
+            the_plan = plan(desired, self.existing, s, read_complete=status.complete, full_sync=args.full_sync,
                             still_selected=still_selected, held=held, force=args.force)
-        if settings.exclude_if_in_alienvault and the_plan.creates:
-            exclude_known_to_otx(the_plan, settings, policy, report)
-        report.record_plan(the_plan, settings)
-        if settings.write_parsed_indicators:
-            write_json(parsed_indicators_path(settings),
-                       [indicator_json(c.candidate, settings) for c in the_plan.writes], settings.secrets)
+        if otx is not None and the_plan.creates:
+            exclude_known_to_otx(the_plan, otx, report)
+        report.record_plan(the_plan, s)
+        if s.write_parsed_indicators:
+            write_json(parsed_indicators_path(s), [indicator_json(c.candidate, s) for c in the_plan.writes],
+                       s.secrets)
+        self.plan_text = format_plan(the_plan)
         if dry_run:
-            print(redact(format_plan(the_plan), settings.secrets))
             return
-        log.info("%s", format_plan(the_plan))
-        assert client is not None, "validation requires Defender credentials unless dry_run"
+        log.info("%s", self.plan_text)
+        assert self.client is not None, "validation requires Defender credentials unless dry_run"
         with report.phase("apply"):
-            apply_plan(the_plan, client, settings, report)
-    finally:
-        if reader is not None:
-            reader.close()
-        if json_log:
-            json_log.close()
+            apply_plan(the_plan, self.client, s, report)
+
+    def close(self) -> None:
+        if self.json_log is not None:
+            self.json_log.close()
+
+
+def tenant_file(path: str, name: str) -> str:
+    """A per-Defender file gets the tenant's name: defender.jsonl → defender.acme.jsonl."""
+    if not path or not name:
+        return path
+    target = Path(path)
+    return str(target.with_name(f"{target.stem}.{name}{target.suffix}"))
 
 
 def list_existing(client: DefenderClient | None, settings: Settings, report: Report) -> list[Existing]:
@@ -3008,20 +3365,19 @@ def list_existing(client: DefenderClient | None, settings: Settings, report: Rep
                             for i in client.list_indicators()) if e is not None]
 
 
-def exclude_known_to_otx(the_plan: Plan, settings: Settings, policy: RetryPolicy, report: Report) -> None:
+def exclude_known_to_otx(the_plan: Plan, otx: OtxClient, report: Report) -> None:
     """exclude_if_in_alienvault: drop the creates OTX knows, before the cap; an OTX failure never stops the run.
 
     Values waiting behind the cap take the slots of the ones dropped, and are looked up in turn.
     """
-    otx = OtxClient(settings, policy)
     looked_up: set[tuple[str, str]] = set()
     while todo := [c.candidate.key for c in the_plan.creates if not c.replaces and c.candidate.key not in looked_up]:
         looked_up.update(todo)
         report.skipped["known in AlienVault OTX"] += exclude_known(the_plan, otx.known(todo))
-    report.otx_errors = otx.errors
+    report.otx_errors = otx.errors_for(looked_up)
     report.api["otx"] = otx.stats
-    if otx.errors:
-        log.warning("OTX: %d lookups failed; those indicators are pushed anyway", otx.errors)
+    if report.otx_errors:
+        log.warning("OTX: %d lookups failed; those indicators are pushed anyway", report.otx_errors)
 
 
 def confirm_with_misp(misp: MispSource, keys: list[tuple[str, str]], settings: Settings,
@@ -3134,63 +3490,131 @@ def token_roles(token: str) -> list[str]:
         return []
 
 
-def run_check(config_path: str) -> int:
-    """--check: prove the setup works, step by step, without writing anything anywhere."""
-    rows: list[tuple[bool, str, str]] = []
+@dataclass
+class Checklist:
+    """--check's rows: ✓ passed, ⚠ worth a look, ✗ failed (with its fix)."""
 
-    def row(ok: bool, text: str, fix: str = "") -> bool:
-        rows.append((ok, text, fix))
-        return ok
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    indent: str = "  "
 
-    def failed(exc: Misp2DefenderError) -> None:
-        row(False, f"{SERVICE_NAMES.get(exc.service, exc.service or 'config')}: {exc}", fix_for(exc))
+    def ok(self, text: str) -> None:
+        self.rows.append((f"{self.indent}✓", text, ""))
 
+    def warn(self, text: str, fix: str = "") -> None:
+        self.rows.append((f"{self.indent}⚠", text, fix))
+
+    def fail(self, text: str, fix: str) -> None:
+        self.rows.append((f"{self.indent}✗", text, fix))
+
+    def error(self, exc: Misp2DefenderError) -> None:
+        self.fail(f"{SERVICE_NAMES.get(exc.service, exc.service or 'config')}: {exc}", fix_for(exc))
+
+    def heading(self, text: str) -> None:
+        self.rows.append(("  ", text, ""))
+        self.indent = "    "
+
+    @property
+    def passed(self) -> bool:
+        return not any(mark.endswith("✗") for mark, _, _ in self.rows)
+
+    def print(self, secrets: list[str]) -> None:
+        print("misp2defender --check")
+        for mark, text, fix in self.rows:
+            print(redact(f"{mark} {text}", secrets))
+            if fix and not mark.endswith("✓"):
+                print(f"{' ' * len(mark)}    fix: {fix}")
+        print("All checks passed." if self.passed else "Some checks failed.")
+
+
+NO_EVENTS_FIX = ("check the filters: the tags filter (is the tag on your events?), the time window "
+                 "(publish_timestamp), and 'published' (are the events published?); or try --full-sync")
+
+
+def run_check(config_path: str, only: Iterable[str] = (), report_path: str | None = None) -> int:
+    """--check: prove the setup works, stage by stage, without writing anything anywhere.
+
+    Config (and every file the run will write), then MISP (which needs no Entra settings), then
+    for each tenant Entra and Defender, then OTX. A stage that cannot be checked is a ✗ with its
+    fix; the stages before it have still been checked.
+    """
+    checks = Checklist()
     # PyMISP logs its own errors (a 5xx with the request's headers); the checklist says it better.
     pymisp_log = logging.getLogger("pymisp")
     pymisp_log.addHandler(logging.NullHandler())
     pymisp_log.propagate = False
-    settings: Settings | None = None
+    tenants: list[Settings] = []
     try:
-        settings = build_settings(load_config_module(config_path), config_path=config_path)
-        row(True, f"config: {config_path} is valid")
+        tenants = build_tenants(load_config_module(config_path), config_path=config_path, only=only,
+                                require_credentials=False)
+        if report_path:
+            check_writable("--report", report_path)
+        count = f" ({len(tenants)} tenants)" if tenants[0].name else ""
+        checks.ok(f"config: {config_path} is valid{count}")
+        for note in dict.fromkeys(note for t in tenants for note in t.notes):
+            checks.warn(f"config: {note}")
+        shared = tenants[0]
+        written = [p for p in (shared.log_file, shared.lock_file, shared.log_json_file, report_path) if p]
+        checks.ok(f"files: {', '.join(written)} can be written")
     except ConfigError as exc:
-        failed(exc)
-    if settings is not None:
-        settings = dataclasses.replace(settings, max_retries=min(settings.max_retries, 1))
-        policy = settings.retry_policy(Deadline(settings.max_run_seconds))
-        try:
-            misp = MispSource(settings, policy)
-            version = (misp.misp.misp_instance_version or {}).get("version", "?")
-            row(True, f"MISP: {settings.misp_url} answers (MISP {version}) and accepts the API key")
-            counted = misp.count_events()
-            row(True, f"MISP: {counted} events match misp_event_filters")
-        except Misp2DefenderError as exc:
-            failed(exc)
-        if not settings.has_defender_credentials:
-            row(False, "Entra: graph_auth has no credentials", FIXES["entra"])
-        else:
-            try:
-                client = DefenderClient(settings, policy)
-                roles = token_roles(client.tokens.get())
-                row(True, f"Entra: token issued for {settings.target_scope}"
-                    + (f" (roles: {', '.join(roles)})" if roles else ""))
-                client.list_indicators(page_size=1, limit=1)
-                row(True, f"Defender: {settings.api_url} lets this app read indicators")
-            except Misp2DefenderError as exc:
-                failed(exc)
-        if settings.exclude_if_in_alienvault:
-            problem = OtxClient(settings, policy).check_key()
-            row(not problem, f"OTX: {problem or 'the API key works'}", FIXES["otx"])
+        checks.error(exc)
+    if tenants:
+        check_stages(checks, [dataclasses.replace(t, max_retries=min(t.max_retries, 1)) for t in tenants])
     pymisp_log.propagate = True
-    secrets = settings.secrets if settings else []
-    print("misp2defender --check")
-    for ok, text, fix in rows:
-        print(redact(f"  {'✓' if ok else '✗'} {text}", secrets))
-        if not ok and fix:
-            print(f"      fix: {fix}")
-    passed = all(ok for ok, _, _ in rows)
-    print("All checks passed." if passed else "Some checks failed.")
-    return EXIT_OK if passed else EXIT_CANNOT_PROCEED
+    checks.print(all_secrets(tenants))
+    return EXIT_OK if checks.passed else EXIT_CANNOT_PROCEED
+
+
+def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
+    shared = tenants[0]
+    policy = shared.retry_policy(Deadline(shared.max_run_seconds))
+    misp: MispSource | None = None
+    try:
+        misp = MispSource(shared, policy)
+        version = (misp.misp.misp_instance_version or {}).get("version", "?")
+        checks.ok(f"MISP: {shared.misp_url} answers (MISP {version}) and accepts the API key")
+    except Misp2DefenderError as exc:
+        checks.error(exc)
+    counted: dict[str, int] = {}
+    for tenant in tenants:
+        if tenant.name:
+            checks.heading(f"tenant {tenant.name}:")
+        filters = json.dumps(tenant.misp_event_filters, sort_keys=True, default=str)
+        if misp is not None and filters not in counted:
+            try:
+                counted[filters] = misp.count_events()
+                label = "misp_event_filters" if tenant.misp_event_filters == shared.misp_event_filters or \
+                    not tenant.name else "this tenant's misp_event_filters"
+                if counted[filters]:
+                    checks.ok(f"MISP: {counted[filters]} events match {label}")
+                else:
+                    checks.warn(f"MISP: no event matches {label}", NO_EVENTS_FIX)
+            except Misp2DefenderError as exc:
+                checks.error(exc)
+        check_defender(checks, tenant, policy)
+    if shared.exclude_if_in_alienvault:
+        checks.indent = "  "
+        problem = OtxClient(shared, policy).check_key()
+        if problem:
+            checks.fail(f"OTX: {problem}", FIXES["otx"])
+        else:
+            checks.ok("OTX: the API key works")
+
+
+def check_defender(checks: Checklist, tenant: Settings, policy: RetryPolicy) -> None:
+    if not tenant.has_defender_credentials:
+        missing = [f"graph_auth['{k}']" for k in ("tenant", "client_id") if not getattr(tenant, k)]
+        if not (tenant.client_secret or tenant.client_certificate):
+            missing.append("graph_auth['client_secret'] (or a certificate)")
+        checks.fail(f"Entra: {', '.join(missing)} not set: Entra and Defender cannot be checked yet", FIXES["entra"])
+        return
+    try:
+        client = DefenderClient(tenant, policy)
+        roles = token_roles(client.tokens.get())
+        checks.ok(f"Entra: token issued for {tenant.target_scope}" + (f" (roles: {', '.join(roles)})" if roles else ""))
+        client.list_indicators(page_size=1, limit=1)
+        checks.ok(f"Defender: {tenant.api_url} lets this app read indicators")
+    except Misp2DefenderError as exc:
+        checks.error(exc)
 
 
 class Terminated(BaseException):
@@ -3204,50 +3628,53 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.check:
-        return run_check(args.config)
+        return run_check(args.config, args.tenant, args.report)
     report = Report()
     handlers: list[logging.Handler] = []
-    settings: Settings | None = None
+    tenants: list[Settings] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         raw = load_config_module(args.config)
-        settings = build_settings(raw, config_path=args.config, dry_run=args.dry_run)
+        tenants = build_tenants(raw, config_path=args.config, dry_run=args.dry_run, only=args.tenant)
+        report.secrets = all_secrets(tenants)
         if args.report:
             check_writable("--report", args.report)
-        deadline = Deadline(settings.max_run_seconds)
-        handlers = setup_logging(settings, args.verbose)
-        for note in settings.notes:
+        shared = tenants[0]
+        deadline = Deadline(shared.max_run_seconds)
+        handlers = setup_logging(shared, args.verbose, report.secrets)
+        for note in dict.fromkeys(note for t in tenants for note in t.notes):
             log.warning("%s", note)
         warn_if_config_exposes_secrets(args.config, raw)
-        if args.dry_run or settings.dry_run:
-            run(settings, args, report, deadline)
+        if args.dry_run or shared.dry_run:
+            run(tenants, args, report, deadline)
         else:
-            with RunLock(settings.lock_file) as lock:
-                run(settings, args, report, deadline, close_in_helper=[lock.handle.fileno()])
+            with RunLock(shared.lock_file) as lock:
+                run(tenants, args, report, deadline, close_in_helper=[lock.handle.fileno()])
     except Misp2DefenderError as exc:
         report.fatal, report.fatal_code = str(exc), exc.exit_code
         if not handlers:
-            handlers = setup_logging(settings, args.verbose)
+            handlers = setup_logging(tenants[0] if tenants else None, args.verbose, report.secrets)
         log.error("%s", exc)
     except (KeyboardInterrupt, Terminated) as exc:
         report.fatal, report.fatal_code = f"interrupted ({exc or 'Ctrl-C'})", EXIT_INCOMPLETE
     except Exception as exc:  # a bug or an unforeseen answer: say so, redacted, and let cron see it
         report.fatal, report.fatal_code = f"unexpected {type(exc).__name__}: {exc}", EXIT_INCOMPLETE
         if not handlers:
-            handlers = setup_logging(settings, args.verbose)
+            handlers = setup_logging(tenants[0] if tenants else None, args.verbose, report.secrets)
         log.exception("unexpected error; the next run starts again from MISP and Defender")
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
         report.finished = time.time()
-        secrets = settings.secrets if settings else []
+        secrets = report.secrets
         if report.fatal:
             print(redact(f"misp2defender: error: {report.fatal}", secrets), file=sys.stderr)
-        print(redact(report.summary_line(), secrets))
+        for line in report.summary_lines():
+            print(redact(line, secrets))
+            log.info("%s", line)
         if sys.stdout.isatty():
             print(redact(report.table(), secrets))
-        log.info("%s", report.summary_line())
         if args.report:
             with contextlib.suppress(OSError, ConfigError):
                 write_json(args.report, report.as_dict(), secrets)
@@ -3255,6 +3682,11 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().removeHandler(handler)
             handler.close()
     return report.exit_code
+
+
+def all_secrets(tenants: Iterable[Settings]) -> list[str]:
+    """Every tenant's secrets: each is redacted from everything the run writes."""
+    return list(dict.fromkeys(secret for t in tenants for secret in t.secrets))
 
 
 if __name__ == "__main__":
