@@ -3510,7 +3510,7 @@ class Checklist:
         self.fail(f"{SERVICE_NAMES.get(exc.service, exc.service or 'config')}: {exc}", fix_for(exc))
 
     def heading(self, text: str) -> None:
-        self.rows.append(("  ", text, ""))
+        self.rows.append(("", f"  {text}", ""))
         self.indent = "    "
 
     @property
@@ -3520,7 +3520,7 @@ class Checklist:
     def print(self, secrets: list[str]) -> None:
         print("misp2defender --check")
         for mark, text, fix in self.rows:
-            print(redact(f"{mark} {text}", secrets))
+            print(redact(f"{mark} {text}" if mark else text, secrets))
             if fix and not mark.endswith("✓"):
                 print(f"{' ' * len(mark)}    fix: {fix}")
         print("All checks passed." if self.passed else "Some checks failed.")
