@@ -396,6 +396,16 @@ SECRET_ENVIRONMENT = {
     "client_secret": "MISP2DEFENDER_CLIENT_SECRET",
     "otx_alienvault_api": "MISP2DEFENDER_OTX_KEY",
 }
+SECRET_NAMES = {"misp_key": "misp_key", "client_secret": "graph_auth['client_secret']",
+                "otx_alienvault_api": "otx_alienvault_api"}
+# Workload identity (AKS sets these): used when graph_auth names no credential of its own.
+AZURE_ENVIRONMENT = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST")
+KEY_VAULT_API_VERSION = "7.4"  # stable in every cloud; see the README
+# Key Vault's token resource by the vault's host suffix (public cloud when the host is none of these).
+KEY_VAULT_RESOURCES = {".vault.usgovcloudapi.net": "https://vault.usgovcloudapi.net",
+                       ".vault.azure.cn": "https://vault.azure.cn",
+                       ".vault.microsoftazure.de": "https://vault.microsoftazure.de"}
+MANAGED_IDENTITY_IDS = ("client_id", "resource_id", "object_id")
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_API_URL = "https://api.securitycenter.microsoft.com"
 DEFAULT_SCOPE = "https://api.securitycenter.windows.com/.default"
@@ -584,14 +594,17 @@ OPTIONS: dict[str, Option] = {
     "vetted_attribute_classifier": Option("vetted_attribute_tags", ['course-of-action:active="deny"'], _tag_list),
     "include_tags": Option("include_tags", [], _tag_list, tenant=True),
     "exclude_tags": Option("exclude_tags", [], _tag_list, tenant=True),
+    # Secrets kept elsewhere
+    "key_vault_url": Option("key_vault_url", "", None),
+    "key_vault_secrets": Option("", {}, None),
     # Several tenants
     "tenants": Option("", [], None),
     "max_parallel_tenants": Option("max_parallel_tenants", 4, integer(1, 64)),
 }
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in OPTIONS.items()}
 TENANT_KEYS = frozenset({"name", *(name for name, option in OPTIONS.items() if option.tenant)})
-GRAPH_AUTH_KEYS = ("tenant", "client_id", "client_secret", "authority",
-                   "client_certificate", "client_certificate_thumbprint")
+GRAPH_AUTH_KEYS = ("tenant", "client_id", "client_secret", "authority", "client_certificate",
+                   "client_certificate_thumbprint", "client_assertion_file", "managed_identity")
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -658,12 +671,31 @@ class Settings:
     include_tags: frozenset[str] = frozenset()
     exclude_tags: frozenset[str] = frozenset()
     max_parallel_tenants: int = 4
+    managed_identity: tuple[str, str] | None = None  # ("system", "") or ("client_id"|"resource_id"|"object_id", id)
+    client_assertion_file: str = ""  # workload identity federation: re-read for every new token
+    key_vault_url: str = ""
+    key_vault_names: Mapping[str, str] = field(default_factory=dict)  # secret key → Key Vault secret name
+    sources: Mapping[str, str] = field(default_factory=dict)  # where each secret came from (never its value)
     config_path: str = ""
     notes: tuple[str, ...] = ()  # config warnings: likely typos, short secrets
 
     @property
     def has_defender_credentials(self) -> bool:
-        return bool(self.tenant and self.client_id and (self.client_secret or self.client_certificate))
+        return bool(self.managed_identity) or bool(self.tenant and self.client_id and (
+            self.client_secret or self.client_certificate or self.client_assertion_file))
+
+    @property
+    def credential(self) -> str:
+        """How this tenant signs in to Entra, for --check and the log (never a secret)."""
+        if self.managed_identity:
+            kind, identifier = self.managed_identity
+            return "managed identity (system-assigned)" if kind == "system" else \
+                f"managed identity (user-assigned, {kind} {identifier})"
+        if self.client_assertion_file:
+            return self.sources.get("credential") or f"workload identity federation ({self.client_assertion_file})"
+        if self.client_certificate:
+            return f"certificate {self.client_certificate}"
+        return f"client secret from {self.sources.get('client_secret') or 'nowhere'}"
 
     def retry_policy(self, deadline: Deadline) -> RetryPolicy:
         return RetryPolicy(self.max_retries, self.max_retry_wait, deadline)
@@ -717,6 +749,60 @@ def check_writable(name: str, path: str) -> None:
         raise ConfigError(f"{name} {path!r} is not writable by this user", "files")
 
 
+def secret_from(key: str, configured: str, environ: Mapping[str, str], vault_names: Mapping[str, str]
+                ) -> tuple[str, str]:
+    """A secret and where it came from, in the README's order: Key Vault, a file, the environment, config.py.
+
+    A secret Key Vault holds is read at the start of the run: here its value is still "".
+    """
+    variable = SECRET_ENVIRONMENT[key]
+    if key in vault_names:
+        return "", f"Key Vault secret {vault_names[key]}"
+    path = environ.get(f"{variable}_FILE")
+    if path:
+        try:
+            value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"{variable}_FILE names {path!r}, which cannot be read ({type(exc).__name__})",
+                              "config") from None
+        if not value.strip():
+            raise ConfigError(f"{variable}_FILE names {path!r}, which is empty", "config")
+        return value, f"{variable}_FILE"
+    if environ.get(variable):
+        return environ[variable], variable
+    return configured, "config.py" if configured else ""
+
+
+def managed_identity_of(value: Any) -> tuple[str, str] | None:
+    """graph_auth['managed_identity']: True (system-assigned) or {'client_id'|'resource_id'|'object_id': id}."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ("system", "")
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, identifier), = value.items()
+        if kind in MANAGED_IDENTITY_IDS and isinstance(identifier, str) and identifier.strip():
+            return (kind, identifier.strip())
+    raise ConfigError("config key graph_auth['managed_identity'] must be True (system-assigned) or one of "
+                      "{'client_id': ...}, {'resource_id': ...}, {'object_id': ...} (user-assigned), "
+                      f"not {value!r}")
+
+
+def key_vault_settings(cfg: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    url = text("key_vault_url", cfg["key_vault_url"]).strip().rstrip("/")
+    names = _expect("key_vault_secrets", cfg["key_vault_secrets"], dict, "a dict like {'misp_key': '<secret name>'}")
+    for key, name in names.items():
+        _one_of("key_vault_secrets", key, SECRET_ENVIRONMENT)
+        if not isinstance(name, str) or not re.fullmatch(r"[0-9A-Za-z-]{1,127}", name):
+            raise ConfigError(f"config key key_vault_secrets['{key}'] must be a Key Vault secret name "
+                              f"(letters, digits and '-'), not {name!r}")
+    if url and not url.startswith("https://"):
+        raise ConfigError(f"config key key_vault_url must be an https URL, not {url!r}")
+    if names and not url:
+        raise ConfigError("config key key_vault_url is required when key_vault_secrets names secrets")
+    return url, dict(names)
+
+
 def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                    config_path: str = "", dry_run: bool = False, *, name: str = "",
                    require_credentials: bool = True) -> Settings:
@@ -742,11 +828,27 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     for key in sorted(set(auth) - set(GRAPH_AUTH_KEYS)):
         notes.append(f"config key graph_auth['{key}'] is not known (a typo?); it is ignored")
     auth_values = {key: _expect(f"graph_auth['{key}']", auth.get(key) or "", str, "a string").strip()
-                   for key in GRAPH_AUTH_KEYS}
-    client_secret = environ.get(SECRET_ENVIRONMENT["client_secret"]) or auth_values["client_secret"]
-    misp_key = environ.get(SECRET_ENVIRONMENT["misp_key"]) or text("misp_key", cfg["misp_key"])
-    otx_key = environ.get(SECRET_ENVIRONMENT["otx_alienvault_api"]) or text("otx_alienvault_api",
-                                                                           cfg["otx_alienvault_api"])
+                   for key in GRAPH_AUTH_KEYS if key != "managed_identity"}
+    vault_url, vault_names = key_vault_settings(cfg)
+    sources: dict[str, str] = {}
+    found = {}
+    for key, configured in (("client_secret", auth_values["client_secret"]), ("misp_key", cfg["misp_key"]),
+                            ("otx_alienvault_api", cfg["otx_alienvault_api"])):
+        found[key], sources[key] = secret_from(key, text(SECRET_NAMES[key], configured), environ, vault_names)
+    client_secret, misp_key, otx_key = found["client_secret"], found["misp_key"], found["otx_alienvault_api"]
+    identity = managed_identity_of(auth.get("managed_identity"))
+    named = identity or client_secret or sources["client_secret"] or auth_values["client_certificate"] or \
+        auth_values["client_assertion_file"]
+    if not named and environ.get("AZURE_FEDERATED_TOKEN_FILE"):  # AKS workload identity, as it sets it up
+        auth_values["client_assertion_file"] = environ["AZURE_FEDERATED_TOKEN_FILE"]
+        auth_values["tenant"] = auth_values["tenant"] or environ.get("AZURE_TENANT_ID", "")
+        auth_values["client_id"] = auth_values["client_id"] or environ.get("AZURE_CLIENT_ID", "")
+        auth_values["authority"] = auth_values["authority"] or environ.get("AZURE_AUTHORITY_HOST", "").rstrip("/")
+        sources["credential"] = "workload identity federation (AZURE_* variables)"
+    if auth_values["client_assertion_file"] and not Path(auth_values["client_assertion_file"]).is_file():
+        where = ("AZURE_FEDERATED_TOKEN_FILE" if "credential" in sources
+                 else "config key graph_auth['client_assertion_file']")
+        raise ConfigError(f"{where} names a file that does not exist: {auth_values['client_assertion_file']!r}")
 
     cloud_api, cloud_authority, cloud_scope = CLOUDS[cfg["defender_cloud"]]
     api_url = raw.get("defender_api_url", cloud_api)
@@ -763,19 +865,21 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         raise ConfigError("config key misp_domain is required: the full URL of your MISP instance")
     if not misp_url.startswith(("http://", "https://")):
         raise ConfigError(f"config key misp_domain must start with https:// or http://, not {misp_url!r}")
-    if not misp_key:
-        raise ConfigError("config key misp_key is required (or set MISP2DEFENDER_MISP_KEY): "
-                          "a MISP API key that can read events")
+    if not misp_key and not sources["misp_key"]:
+        raise ConfigError("config key misp_key is required (or set MISP2DEFENDER_MISP_KEY, or "
+                          "MISP2DEFENDER_MISP_KEY_FILE, or key_vault_secrets): a MISP API key that can read events")
 
     dry_run = fields["dry_run"] or dry_run
-    if not dry_run and require_credentials:
+    if not dry_run and require_credentials and not identity:
         for key in ("tenant", "client_id"):
             if not auth_values[key]:
                 raise ConfigError(f"config key graph_auth['{key}'] is required: "
                                   "see the Entra application section of the README")
-        if not client_secret and not auth_values["client_certificate"]:
+        if not (client_secret or sources["client_secret"] or auth_values["client_certificate"]
+                or auth_values["client_assertion_file"]):
             raise ConfigError("config key graph_auth['client_secret'] is required (or set "
-                              "MISP2DEFENDER_CLIENT_SECRET, or use graph_auth['client_certificate'])")
+                              "MISP2DEFENDER_CLIENT_SECRET, or use a certificate, a managed identity or workload "
+                              "identity federation: see 'No secrets on disk' in the README)")
     if auth_values["client_certificate"]:
         if not Path(auth_values["client_certificate"]).is_file():
             raise ConfigError("config key graph_auth['client_certificate'] names a file that does not "
@@ -783,7 +887,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         if not re.fullmatch(r"[0-9A-Fa-f]{40}", auth_values["client_certificate_thumbprint"].replace(":", "")):
             raise ConfigError("config key graph_auth['client_certificate_thumbprint'] must be the "
                               "certificate's SHA-1 thumbprint (40 hex digits)")
-    if fields["exclude_if_in_alienvault"] and not otx_key:
+    if fields["exclude_if_in_alienvault"] and not (otx_key or sources["otx_alienvault_api"]):
         raise ConfigError("config key otx_alienvault_api is required when exclude_if_in_alienvault "
                           "is True (or set MISP2DEFENDER_OTX_KEY)")
 
@@ -804,6 +908,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         client_certificate_thumbprint=auth_values["client_certificate_thumbprint"].replace(":", ""),
         authority=authority.rstrip("/"), target_scope=scope, api_url=api_url.rstrip("/"),
         misp_url=misp_url, misp_key=misp_key, otx_key=otx_key,
+        managed_identity=identity, client_assertion_file=auth_values["client_assertion_file"],
+        key_vault_url=vault_url, key_vault_names=vault_names, sources=sources,
         log_file=log_file, log_json_file=log_json_file, lock_file=lock_file,
         expire_from_current_date=cfg["days_to_expire_start"] == "current_date",
         config_path=config_path, notes=tuple(notes),
@@ -849,9 +955,13 @@ def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = No
             raise ConfigError(f"tenant {name!r}: config key graph_auth must be a dict, not {type(auth).__name__}")
         merged = {**base, **{k: v for k, v in entry.items() if k != "name"},
                   "graph_auth": {**base.get("graph_auth", {}), **auth}}
-        # The tenant's own secret wins over the environment's, which stands for the top-level one.
-        tenant_environ = ({k: v for k, v in environ.items() if k != SECRET_ENVIRONMENT["client_secret"]}
-                          if auth.get("client_secret") else environ)
+        tenant_environ = environ
+        if auth.get("client_secret"):  # its own secret wins over the top-level one, wherever that one is kept
+            variable = SECRET_ENVIRONMENT["client_secret"]
+            tenant_environ = {k: v for k, v in environ.items() if k not in (variable, f"{variable}_FILE")}
+            vault = base.get("key_vault_secrets")
+            if isinstance(vault, dict):
+                merged["key_vault_secrets"] = {k: v for k, v in vault.items() if k != "client_secret"}
         try:
             tenants.append(build_settings(merged, tenant_environ, config_path, dry_run, name=name,
                                           require_credentials=require_credentials))
@@ -2210,46 +2320,117 @@ ENTRA_CODES = {7000215: "client secret (graph_auth['client_secret'])",
                7000222: "client secret (graph_auth['client_secret'], expired)",
                700016: "client id (graph_auth['client_id'])",
                700027: "certificate (graph_auth['client_certificate'])",
-               90002: "tenant (graph_auth['tenant'])"}
+               90002: "tenant (graph_auth['tenant'])",
+               700024: "federated token (client_assertion_file: expired or not yet valid; is it being rotated?)",
+               700211: "federated token (no federated credential on the app trusts its issuer)",
+               700213: "federated token (no federated credential on the app matches its subject)",
+               7002138: "federated token (the subject matches only if case is ignored)",
+               70021: "federated token (no federated credential on the app matches it)"}
 ENTRA_CREDENTIAL_ERRORS = ("invalid_client", "unauthorized_client", "invalid_request", "invalid_scope",
                            "invalid_tenant")
+IDENTITY_PLATFORMS = {"APP_SERVICE": "App Service or Functions", "AZURE_ARC": "Azure Arc",
+                      "CLOUD_SHELL": "Cloud Shell", "MACHINE_LEARNING": "Machine Learning",
+                      "SERVICE_FABRIC": "Service Fabric", "DEFAULT_TO_VM": "Azure VM (IMDS)"}
+
+
+def token_claims(token: str) -> dict[str, Any]:
+    """An access token's claims, read without verification (which app it is, its roles: advice only)."""
+    import base64
+
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def identity_platform() -> str:
+    """Where MSAL will ask for a managed identity's token (App Service, Arc, a VM's IMDS, ...)."""
+    import msal.managed_identity as mi
+
+    source = mi.get_managed_identity_source()
+    return next((IDENTITY_PLATFORMS[name] for name in IDENTITY_PLATFORMS if getattr(mi, name, None) is source),
+                "unknown")
 
 
 class TokenProvider:
-    """An MSAL app for the client-credentials flow; MSAL caches and refreshes the token."""
+    """Entra tokens for one scope, from whatever credential the settings name; MSAL caches and refreshes.
 
-    def __init__(self, settings: Settings, session: Any, policy: RetryPolicy):
+    An app registration signs in with MSAL's ConfidentialClientApplication: a client secret, a
+    certificate, or a federated token read again from its file for every new token (workload
+    identity federation: the file is rotated underneath). A managed identity uses MSAL's
+    ManagedIdentityClient, which finds the platform's endpoint itself.
+    """
+
+    def __init__(self, settings: Settings, session: Any, policy: RetryPolicy, scope: str | None = None,
+                 identity: tuple[str, str] | None = None):
+        self.settings, self.policy, self.session = settings, policy, session
+        self.scopes = [scope or settings.target_scope]
+        self.identity = identity or settings.managed_identity
+        self.stats = EndpointStats()
+        if self.identity:  # outside Azure MSAL falls back to IMDS (169.254.169.254), which may never answer
+            self.session.request = functools.partial(self.session.request,
+                                                     timeout=min(settings.request_timeout, 10))
+        self.app = self._identity_client() if self.identity else self._app()
+
+    def _app(self) -> Any:
         import msal
 
-        s = settings
+        s = self.settings
         credential: Any = s.client_secret
-        if s.client_certificate:
+        if s.client_assertion_file:
+            credential = {"client_assertion": self._read_assertion}
+        elif s.client_certificate:
             credential = {"private_key": Path(s.client_certificate).read_text(),
                           "thumbprint": s.client_certificate_thumbprint}
         known = urlsplit(s.authority).hostname in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS
-        self.settings, self.policy = settings, policy
-        self.scopes = [s.target_scope]
-        self.stats = EndpointStats()
 
         def attempt() -> Any:
             try:
                 return msal.ConfidentialClientApplication(
                     s.client_id, client_credential=credential, authority=f"{s.authority}/{s.tenant}",
-                    instance_discovery=known, http_client=session, timeout=s.request_timeout)
+                    instance_discovery=known, http_client=self.session, timeout=s.request_timeout)
             except ValueError as exc:  # MSAL's type for a tenant the authority does not know
                 raise CredentialError(f"Entra does not know tenant graph_auth['tenant'] = {s.tenant!r} "
                                       f"at {s.authority}: {exc}", "entra") from None
             except Exception as exc:
                 self._raise_or_retry(exc)
 
-        self.app = policy.run(f"Entra ID at {s.authority}", attempt, service="entra")
+        return self.policy.run(f"Entra ID at {s.authority}", attempt, service="entra")
+
+    def _read_assertion(self) -> str:
+        """The federated token, read again for each token request (Kubernetes rotates it hourly)."""
+        try:
+            token = Path(self.settings.client_assertion_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeError) as exc:
+            raise CredentialError(f"the federated token file {self.settings.client_assertion_file!r} cannot be "
+                                  f"read ({type(exc).__name__})", "entra") from None
+        if not token:
+            raise CredentialError(f"the federated token file {self.settings.client_assertion_file!r} is empty",
+                                  "entra")
+        return token
+
+    def _identity_client(self) -> Any:
+        import msal
+
+        kind, identifier = self.identity  # type: ignore[misc]
+        identity = (msal.SystemAssignedManagedIdentity() if kind == "system"
+                    else msal.UserAssignedManagedIdentity(**{kind: identifier}))
+        return msal.ManagedIdentityClient(identity, http_client=self.session, token_cache=msal.TokenCache())
 
     def _raise_or_retry(self, exc: Exception) -> None:
         import msal
 
+        if isinstance(exc, Misp2DefenderError):
+            raise exc
         problem = transport_problem(exc)
         if problem == "certificate":
             raise certificate_error("entra", self.settings.authority, exc) from None
+        if problem and self.identity and identity_platform() == IDENTITY_PLATFORMS["DEFAULT_TO_VM"]:
+            raise CredentialError("no managed identity answers on this host: IDENTITY_ENDPOINT is not set and "
+                                  "the Azure VM endpoint (IMDS) does not answer; assign an identity to the "
+                                  "machine or use another credential", "entra") from None
         if problem or isinstance(exc, msal.exceptions.MsalServiceError):
             raise Retry(f"{type(exc).__name__}: {redact(str(exc), self.settings.secrets)}"[:300])
         raise UnreachableError(f"Entra ID at {self.settings.authority} failed: {type(exc).__name__}: "
@@ -2258,7 +2439,10 @@ class TokenProvider:
     def get(self) -> str:
         def attempt() -> str:
             try:
-                result = self.app.acquire_token_for_client(scopes=self.scopes)
+                if self.identity:
+                    result = self.app.acquire_token_for_client(resource=self.scopes[0].removesuffix("/.default"))
+                else:
+                    result = self.app.acquire_token_for_client(scopes=self.scopes)
             except Exception as exc:  # MsalServiceError on 5xx, connection errors
                 self.stats.calls += 1
                 self._raise_or_retry(exc)
@@ -2269,6 +2453,9 @@ class TokenProvider:
             self.stats.calls += 1
             error, description = result.get("error", "?"), str(result.get("error_description", ""))
             first_line = description.splitlines()[0] if description else ""
+            if self.identity:
+                raise CredentialError(f"the managed identity was refused a token for {self.scopes[0]}: {error}: "
+                                      f"{first_line}", "entra")
             if error in ENTRA_CREDENTIAL_ERRORS:
                 codes = result.get("error_codes") if isinstance(result.get("error_codes"), list) else []
                 which = next((ENTRA_CODES[c] for c in codes if c in ENTRA_CODES), "Entra app credentials")
@@ -2278,7 +2465,87 @@ class TokenProvider:
         return self.policy.run("Entra token request", attempt, service="entra", stats=self.stats, min_wait=1.0)
 
     def invalidate(self) -> None:
-        self.app.remove_tokens_for_client()
+        if self.identity:
+            self.app = self._identity_client()  # a fresh cache: the next get() asks the platform again
+        else:
+            self.app.remove_tokens_for_client()
+
+    def owner(self) -> str:
+        """The application id this credential acts as: the configured client id, else the token's (appid/azp)."""
+        if self.settings.client_id and not self.identity:
+            return self.settings.client_id
+        claims = token_claims(self.get())
+        return str(claims.get("appid") or claims.get("azp") or self.settings.client_id)
+
+
+class KeyVault:
+    """Secrets from Azure Key Vault over its REST API, read once at the start of a run.
+
+    The token comes from the managed identity (graph_auth's, or the system-assigned one), or from
+    the app credential when graph_auth has one that Key Vault does not itself hold.
+    """
+
+    def __init__(self, settings: Settings, policy: RetryPolicy):
+        self.settings, self.policy = settings, policy
+        host = urlsplit(settings.key_vault_url).hostname or ""
+        resource = next((r for suffix, r in KEY_VAULT_RESOURCES.items() if host.endswith(suffix)),
+                        "https://vault.azure.net")
+        self.session = make_session(settings.user_agent, settings.proxies)
+        app_credential = not settings.managed_identity and settings.has_defender_credentials and \
+            "client_secret" not in settings.key_vault_names
+        self.tokens = TokenProvider(settings, make_session(settings.user_agent, settings.proxies), policy,
+                                    scope=f"{resource}/.default",
+                                    identity=None if app_credential else settings.managed_identity or ("system", ""))
+
+    def secret(self, name: str) -> str:
+        import requests
+
+        url = f"{self.settings.key_vault_url}/secrets/{name}"
+
+        def attempt() -> str:
+            headers = {"Authorization": f"Bearer {self.tokens.get()}"}
+            try:
+                response = self.session.get(url, params={"api-version": KEY_VAULT_API_VERSION}, headers=headers,
+                                            timeout=self.settings.request_timeout)
+            except requests.RequestException as exc:
+                if transport_problem(exc) == "certificate":
+                    raise certificate_error("keyvault", self.settings.key_vault_url, exc) from None
+                raise Retry(type(exc).__name__) from None
+            status = response.status_code
+            if status == 429 or status >= 500:
+                raise Retry(f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After")))
+            if status in (401, 403):
+                raise CredentialError(f"Key Vault {self.settings.key_vault_url} refused secret {name!r} (HTTP "
+                                      f"{status}): grant the identity the 'Key Vault Secrets User' role on the "
+                                      "vault (or an access policy allowing 'get' on secrets)", "keyvault")
+            if status == 404:
+                raise CredentialError(f"Key Vault {self.settings.key_vault_url} has no secret {name!r} (HTTP 404): "
+                                      "check key_vault_secrets", "keyvault")
+            try:
+                value = response.json().get("value") if status == 200 else None
+            except (ValueError, AttributeError):
+                value = None
+            if not isinstance(value, str) or not value:
+                raise UnreachableError(f"Key Vault answered HTTP {status} without a secret value for {name!r}",
+                                       "keyvault")
+            return value
+
+        return self.policy.run(f"Key Vault secret {name}", attempt, service="keyvault")
+
+
+SECRET_FIELDS = {"misp_key": "misp_key", "client_secret": "client_secret", "otx_alienvault_api": "otx_key"}
+
+
+def read_key_vault(tenants: list[Settings], deadline: Deadline) -> list[Settings]:
+    """Fill the secrets config.py keeps in Key Vault (key_vault_secrets), once for every tenant."""
+    shared = tenants[0]
+    names = {name for t in tenants for name in t.key_vault_names.values()}
+    if not names:
+        return tenants
+    vault = KeyVault(shared, shared.retry_policy(deadline))
+    values = {name: vault.secret(name) for name in sorted(names)}
+    return [dataclasses.replace(t, **{SECRET_FIELDS[key]: values[name] for key, name in t.key_vault_names.items()})
+            for t in tenants]
 
 
 def make_session(user_agent: str, proxies: Mapping[str, str]) -> Any:
@@ -3360,8 +3627,8 @@ def list_existing(client: DefenderClient | None, settings: Settings, report: Rep
             log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
         return []
     with report.phase("defender_list"):
-        now = time.time()
-        return [e for e in (existing_from_api(i, settings.client_id, settings.application, now)
+        now, owner = time.time(), client.tokens.owner()
+        return [e for e in (existing_from_api(i, owner, settings.application, now)
                             for i in client.list_indicators()) if e is not None]
 
 
@@ -3456,11 +3723,14 @@ FIXES = {
                 "permission Ti.ReadWrite.All, then 'Grant admin consent'",
     "defender_reach": "allow HTTPS to defender_api_url or set proxies / HTTPS_PROXY",
     "otx": "check otx_alienvault_api (OTX → Settings → API key) and HTTPS to otx_alienvault_url",
+    "keyvault": "check key_vault_url and key_vault_secrets, and that the identity reading the vault (graph_auth's "
+                "managed identity, or its app) has the 'Key Vault Secrets User' role on it",
+    "keyvault_reach": "allow HTTPS to key_vault_url (and the vault's firewall to this host) or set HTTPS_PROXY",
     "certificate": "trust the CA that signed the certificate: REQUESTS_CA_BUNDLE for Microsoft hosts behind a "
                    "TLS-inspecting proxy, misp_verifycert = '/path/to/ca.pem' for MISP",
 }
 SERVICE_NAMES = {"misp": "MISP", "entra": "Entra", "defender": "Defender", "otx": "OTX", "files": "files",
-                 "config": "config", "lock": "lock"}
+                 "config": "config", "lock": "lock", "keyvault": "Key Vault"}
 
 
 def fix_for(exc: Misp2DefenderError) -> str:
@@ -3478,16 +3748,9 @@ def fix_for(exc: Misp2DefenderError) -> str:
 
 
 def token_roles(token: str) -> list[str]:
-    """The roles claim of an access token, read without verification (for --check's advice only)."""
-    import base64
-
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        roles = claims.get("roles", [])
-        return [str(r) for r in roles] if isinstance(roles, list) else []
-    except (IndexError, ValueError, AttributeError):
-        return []
+    """The roles claim of an access token (for --check's advice only)."""
+    roles = token_claims(token).get("roles", [])
+    return [str(r) for r in roles] if isinstance(roles, list) else []
 
 
 @dataclass
@@ -3557,6 +3820,18 @@ def run_check(config_path: str, only: Iterable[str] = (), report_path: str | Non
         checks.ok(f"files: {', '.join(written)} can be written")
     except ConfigError as exc:
         checks.error(exc)
+    if tenants and tenants[0].key_vault_names:
+        try:
+            tenants = read_key_vault(tenants, Deadline(tenants[0].max_run_seconds))
+            checks.ok(f"Key Vault: {tenants[0].key_vault_url} gave every secret key_vault_secrets names")
+        except Misp2DefenderError as exc:
+            checks.error(exc)
+            tenants = []
+    if tenants:
+        shared = tenants[0]
+        kept = [f"{label} from {shared.sources[key]}" for key, label in (("misp_key", "MISP key"),
+                ("otx_alienvault_api", "OTX key")) if shared.sources.get(key)]
+        checks.ok(f"secrets: {'; '.join(kept)}")
     if tenants:
         check_stages(checks, [dataclasses.replace(t, max_retries=min(t.max_retries, 1)) for t in tenants])
     pymisp_log.propagate = True
@@ -3610,6 +3885,8 @@ def check_defender(checks: Checklist, tenant: Settings, policy: RetryPolicy) -> 
     try:
         client = DefenderClient(tenant, policy)
         roles = token_roles(client.tokens.get())
+        platform = f" on {identity_platform()}" if tenant.managed_identity else ""
+        checks.ok(f"Entra: {tenant.credential}{platform}, owns indicators as {client.tokens.owner()}")
         checks.ok(f"Entra: token issued for {tenant.target_scope}" + (f" (roles: {', '.join(roles)})" if roles else ""))
         client.list_indicators(page_size=1, limit=1)
         checks.ok(f"Defender: {tenant.api_url} lets this app read indicators")
@@ -3646,6 +3923,8 @@ def main(argv: list[str] | None = None) -> int:
         for note in dict.fromkeys(note for t in tenants for note in t.notes):
             log.warning("%s", note)
         warn_if_config_exposes_secrets(args.config, raw)
+        tenants = read_key_vault(tenants, deadline)
+        report.secrets[:] = all_secrets(tenants)  # the handlers share this list: they redact these too
         if args.dry_run or shared.dry_run:
             run(tenants, args, report, deadline)
         else:

@@ -18,6 +18,8 @@ import pytest
 from tests.standins.base import StandIn
 from tests.standins.defender import DefenderStandIn
 from tests.standins.entra import EntraStandIn
+from tests.standins.identity import ManagedIdentityStandIn
+from tests.standins.keyvault import KeyVaultStandIn
 from tests.standins.misp import DEFAULT_KEY as MISP_KEY
 from tests.standins.misp import MispStandIn, load_events
 from tests.standins.otx import DEFAULT_KEY as OTX_KEY
@@ -54,6 +56,17 @@ __all__ = [
 ]
 
 _SCRUBBED = (
+    # Credentials the tool finds in the environment (workload identity, managed identity sources).
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_ID",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_AUTHORITY_HOST",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "IMDS_ENDPOINT",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
     "SSL_CERT_FILE",
@@ -83,6 +96,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    # MSAL's managed identity falls back to IMDS (169.254.169.254); msal 1.39 takes its host from
+    # here: a closed loopback port, so no test can ever leave 127.0.0.1 that way.
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", "http://127.0.0.1:9")
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +169,21 @@ def misp_real() -> Iterator[MispStandIn]:
     if not SHARED_EVENTS_DIR.is_dir():
         pytest.skip(f"{SHARED_EVENTS_DIR} is absent")
     with serving(MispStandIn.from_directory(SHARED_EVENTS_DIR, key=MISP_KEY)) as server:
+        yield server
+
+
+@pytest.fixture
+def identity(entra: EntraStandIn, monkeypatch: pytest.MonkeyPatch) -> Iterator[ManagedIdentityStandIn]:
+    """An App Service managed identity endpoint, with IDENTITY_ENDPOINT/IDENTITY_HEADER pointing at it."""
+    with serving(ManagedIdentityStandIn(entra)) as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+
+
+@pytest.fixture
+def keyvault(pki: PKI, entra: EntraStandIn) -> Iterator[KeyVaultStandIn]:
+    with serving(KeyVaultStandIn(pki, entra)) as server:
         yield server
 
 
