@@ -395,9 +395,10 @@ SECRET_ENVIRONMENT = {
     "misp_key": "MISP2DEFENDER_MISP_KEY",
     "client_secret": "MISP2DEFENDER_CLIENT_SECRET",
     "otx_alienvault_api": "MISP2DEFENDER_OTX_KEY",
+    "sightings_misp_key": "MISP2DEFENDER_SIGHTINGS_KEY",
 }
 SECRET_NAMES = {"misp_key": "misp_key", "client_secret": "graph_auth['client_secret']",
-                "otx_alienvault_api": "otx_alienvault_api"}
+                "otx_alienvault_api": "otx_alienvault_api", "sightings_misp_key": "sightings_misp_key"}
 # Workload identity (AKS sets these): used when graph_auth names no credential of its own.
 AZURE_ENVIRONMENT = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST")
 KEY_VAULT_API_VERSION = "7.4"  # stable in every cloud; see the README
@@ -594,6 +595,12 @@ OPTIONS: dict[str, Option] = {
     "vetted_attribute_classifier": Option("vetted_attribute_tags", ['course-of-action:active="deny"'], _tag_list),
     "include_tags": Option("include_tags", [], _tag_list, tenant=True),
     "exclude_tags": Option("exclude_tags", [], _tag_list, tenant=True),
+    # Detections back to MISP as sightings
+    "misp_sightings": Option("misp_sightings", False, flag),
+    "sightings_lookback_days": Option("sightings_lookback_days", 7, integer(1, 180)),
+    "sightings_source": Option("sightings_source", "Microsoft Defender for Endpoint", nonempty_text),
+    "sightings_false_positive": Option("sightings_false_positive", True, flag),
+    "sightings_misp_key": Option("sightings_misp_key", "", None),
     # Secrets kept elsewhere
     "key_vault_url": Option("key_vault_url", "", None),
     "key_vault_secrets": Option("", {}, None),
@@ -671,6 +678,11 @@ class Settings:
     include_tags: frozenset[str] = frozenset()
     exclude_tags: frozenset[str] = frozenset()
     max_parallel_tenants: int = 4
+    misp_sightings: bool = False
+    sightings_lookback_days: int = 7
+    sightings_source: str = "Microsoft Defender for Endpoint"
+    sightings_false_positive: bool = True
+    sightings_misp_key: str = ""  # "": the MISP key
     managed_identity: tuple[str, str] | None = None  # ("system", "") or ("client_id"|"resource_id"|"object_id", id)
     client_assertion_file: str = ""  # workload identity federation: re-read for every new token
     key_vault_url: str = ""
@@ -703,7 +715,7 @@ class Settings:
     @property
     def secrets(self) -> list[str]:
         """Values that must never be written anywhere."""
-        return [s for s in (self.client_secret, self.misp_key, self.otx_key) if s]
+        return [s for s in (self.client_secret, self.misp_key, self.otx_key, self.sightings_misp_key) if s]
 
     def days_for(self, indicator_type: str) -> int:
         return int(self.days_to_expire_mapping.get(indicator_type, self.days_to_expire))
@@ -833,9 +845,11 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     sources: dict[str, str] = {}
     found = {}
     for key, configured in (("client_secret", auth_values["client_secret"]), ("misp_key", cfg["misp_key"]),
-                            ("otx_alienvault_api", cfg["otx_alienvault_api"])):
+                            ("otx_alienvault_api", cfg["otx_alienvault_api"]),
+                            ("sightings_misp_key", cfg["sightings_misp_key"])):
         found[key], sources[key] = secret_from(key, text(SECRET_NAMES[key], configured), environ, vault_names)
     client_secret, misp_key, otx_key = found["client_secret"], found["misp_key"], found["otx_alienvault_api"]
+    fields["sightings_misp_key"] = found["sightings_misp_key"]
     identity = managed_identity_of(auth.get("managed_identity"))
     named = identity or client_secret or sources["client_secret"] or auth_values["client_certificate"] or \
         auth_values["client_assertion_file"]
@@ -1143,15 +1157,27 @@ class MispSource:
         return response.status_code
 
     def _search(self, controller: str, what: str, check: Callable[[Any], T], **query: Any) -> T:
-        """One restSearch call under the retry policy, its answer checked by ``check``.
+        """One restSearch call under the retry policy, its answer checked by ``check``."""
+        return self._request(what, check, lambda: self.misp.search(controller=controller, return_format="json",
+                                                                   **query))
 
-        A MISP error answer is raised, never taken for an empty result; an answer of the wrong
-        shape (``check`` raises AnswerError) is asked for again, then reported.
+    def direct(self, path: str, what: str, check: Callable[[Any], T], body: Mapping[str, Any], *,
+               once: bool = False) -> T:
+        """One call PyMISP has no method for (or mis-sends), under the same policy and checks.
+
+        ``once``: never sent twice (a write whose answer was lost may have landed).
         """
+        policy = dataclasses.replace(self.policy, max_retries=0) if once else self.policy
+        return self._request(what, check, lambda: self.misp.direct_call(path, dict(body)), policy)
+
+    def _request(self, what: str, check: Callable[[Any], T], send: Callable[[], Any],
+                 policy: RetryPolicy | None = None) -> T:
+        """A MISP error answer is raised, never taken for an empty result; an answer of the wrong
+        shape (``check`` raises AnswerError) is asked for again, then reported."""
 
         def attempt() -> T:
             try:
-                result = self.misp.search(controller=controller, return_format="json", **query)
+                result = send()
             except Exception as exc:  # connection reset, timeout, MISPServerError
                 self._raise_or_retry(exc, "servers/getVersion")
             if isinstance(result, dict) and "errors" in result:
@@ -1168,7 +1194,7 @@ class MispSource:
             except AnswerError as exc:
                 raise Retry(str(exc)) from None
 
-        return self.policy.run(what, attempt, service="misp")
+        return (policy or self.policy).run(what, attempt, service="misp")
 
     def count_events(self) -> int:
         """How many events the filters select (for --check), from metadata only.
@@ -2025,6 +2051,7 @@ class SelectionReader:
         self.start_method = start_method or ("fork" if threading.active_count() == 1 else "spawn")
         self.close_in_helper = tuple(close_in_helper)
         self.status = MispReadStatus()
+        self.seen: set[str] = set()  # ids and uuids of the events read (--event says which were not found)
         self.first_page: list[dict] = []
         self.helper: HelperProcess | None = None
         self.more = False
@@ -2054,8 +2081,6 @@ class SelectionReader:
 
     def read_into(self, desireds: list[Desired], bounds: list[concurrent.futures.Future]) -> MispReadStatus:
         """Map every event into each tenant's Desired; ``bounds[i]`` gives tenant i's bounds when ready."""
-        on_event = ((lambda e: log.info("MISP event %s: %s", e.id, e.info))
-                    if self.settings.write_parsed_eventid else None)
         targets = [Target(settings, desired) for settings, desired in zip(self.tenants, desireds, strict=True)]
 
         def settle(index: int) -> None:
@@ -2075,6 +2100,7 @@ class SelectionReader:
                 self._send_bounds(bounds)
                 yield event
 
+        on_event = lambda e: self._saw(e.id, e.uuid, e.info)  # noqa: E731 - a one-line callback
         collect_for(bounded(self.first_page), targets, self.now, on_event)
         self.first_page = []
         if self.more:
@@ -2091,6 +2117,11 @@ class SelectionReader:
             if target.desired is None:
                 desired.dropped = True
         return self.status
+
+    def _saw(self, event_id: str, event_uuid: str, info: str) -> None:
+        self.seen.update((event_id, event_uuid.lower()))
+        if self.settings.write_parsed_eventid:
+            log.info("MISP event %s: %s", event_id, info)
 
     def _send_bounds(self, bounds: list[concurrent.futures.Future], wait: bool = False) -> None:
         helper = self.helper
@@ -2120,8 +2151,8 @@ class SelectionReader:
                 if target.desired is not None and part is not None:
                     target.desired.absorb(*part)
             self.status.absorb(part_status)
-            for event_id, info in events:
-                log.info("MISP event %s: %s", event_id, info)
+            for event_id, event_uuid, info in events:
+                self._saw(event_id, event_uuid, info)
         finally:
             _stop_helper(helper)
 
@@ -2188,7 +2219,8 @@ def _helper_reader(results: Any, bounds: Any, counter: Any, tenants: list[Settin
     if not logging.getLogger().handlers:  # spawned: set up the log; forked: the parent's handlers came along
         setup_logging(settings, 0)
     status, events = MispReadStatus(), []
-    on_event = (lambda e: events.append((e.id, e.info))) if settings.write_parsed_eventid else None
+    def on_event(event: EventContext) -> None:
+        events.append((event.id, event.uuid, event.info if settings.write_parsed_eventid else ""))
     targets = [Target(tenant, Desired()) for tenant in tenants]
     bounded_yet = False
 
@@ -2246,8 +2278,10 @@ ENDPOINT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
     "submit": ((100, 60.0), (1500, 3600.0)),
     "delete": ((100, 60.0), (1500, 3600.0)),
     "batch_delete": ((30, 60.0), (1500, 3600.0)),
+    "alerts": ((100, 60.0), (1500, 3600.0)),
 }
 LIST_PAGE = 10000
+ALERT_PAGE = 1000  # alerts carry their evidence: smaller pages than the documented 10,000
 BATCH_LIMIT = 500
 
 
@@ -2533,7 +2567,8 @@ class KeyVault:
         return self.policy.run(f"Key Vault secret {name}", attempt, service="keyvault")
 
 
-SECRET_FIELDS = {"misp_key": "misp_key", "client_secret": "client_secret", "otx_alienvault_api": "otx_key"}
+SECRET_FIELDS = {"misp_key": "misp_key", "client_secret": "client_secret", "otx_alienvault_api": "otx_key",
+                 "sightings_misp_key": "sightings_misp_key"}
 
 
 def read_key_vault(tenants: list[Settings], deadline: Deadline) -> list[Settings]:
@@ -2641,31 +2676,45 @@ class DefenderClient:
             return
         detail = self._error_text(response)
         if response.status_code in (401, 403):
+            permission = "Alert.Read.All" if endpoint == "alerts" else "Ti.ReadWrite.All"
             raise CredentialError(
                 f"Defender refused {endpoint} ({detail}). Grant the Entra app the WindowsDefenderATP "
-                "application permission Ti.ReadWrite.All and an admin consent", "defender")
+                f"application permission {permission} and an admin consent", "defender")
         raise DefenderError(f"Defender {endpoint} answered {response.status_code}: {detail}")
 
     def list_indicators(self, page_size: int = LIST_PAGE, limit: int | None = None) -> list[dict]:
-        """Every active indicator: $top/$skip until a short page; follow @odata.nextLink if given."""
-        url = f"{self.settings.api_url}/api/indicators"
-        params: dict[str, Any] | None = {"$top": page_size, "$skip": 0}
-        indicators: list[dict] = []
+        """Every active indicator."""
+        return self._pages("list", f"{self.settings.api_url}/api/indicators", {}, page_size, limit)
+
+    def list_alerts(self, since: str, page_size: int = ALERT_PAGE, limit: int | None = None) -> list[dict]:
+        """Alerts updated since ``since`` (ISO time), with their evidence (Alerts API, Alert.Read.All)."""
+        return self._pages("alerts", f"{self.settings.api_url}/api/alerts",
+                           {"$filter": f"lastUpdateTime ge {since}", "$expand": "evidence"}, page_size, limit)
+
+    def _pages(self, endpoint: str, url: str, query: dict[str, Any], page_size: int, limit: int | None) -> list[dict]:
+        """$top/$skip until a short page; follow @odata.nextLink if one is ever given. Each page is checked."""
+        params: dict[str, Any] | None = {**query, "$top": page_size, "$skip": 0}
+        items: list[dict] = []
         while True:
-            response = self._call("list", "GET", url, params=params)
-            self._raise_for_status("list", response)
-            body = response.json()
-            page = body.get("value", [])
-            indicators.extend(page)
-            next_link = body.get("@odata.nextLink")
-            if limit is not None and len(indicators) >= limit:
-                return indicators[:limit]
-            if next_link:
+            response = self._call(endpoint, "GET", url, params=params)
+            self._raise_for_status(endpoint, response)
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            page = body.get("value") if isinstance(body, dict) else None
+            if not isinstance(page, list) or not all(isinstance(item, dict) for item in page):
+                raise DefenderError(f"Defender {endpoint}: the answer is {shape_of(body)}, not a list of items")
+            items.extend(page)
+            next_link = body.get("@odata.nextLink")  # type: ignore[union-attr]
+            if limit is not None and len(items) >= limit:
+                return items[:limit]
+            if isinstance(next_link, str) and next_link:
                 url, params = next_link, None
             elif len(page) < page_size:
-                return indicators
+                return items
             else:
-                params = {"$top": page_size, "$skip": len(indicators)}
+                params = {**query, "$top": page_size, "$skip": len(items)}
 
     def import_batch(self, items: list[dict]) -> list[dict]:
         """Import ≤ 500 items; Defender answers per item (isFailed, failureReason)."""
@@ -2924,7 +2973,7 @@ def stale_keys(desired: Desired, existing: Iterable[Existing], full_sync: bool) 
 def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
          read_complete: bool, full_sync: bool, still_selected: frozenset = frozenset(),
          held: Mapping[tuple[str, str], Candidate] | None = None,
-         force: bool = False, now: float | None = None) -> Plan:
+         force: bool = False, partial: bool = False, now: float | None = None) -> Plan:
     """Compare what MISP wants with what Defender holds. Pure: no HTTP, no PyMISP.
 
     ``still_selected``: stale keys that MISP, asked just before planning, says a selected
@@ -2932,7 +2981,8 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
     edited (unpublished after it was published): they stay as Defender holds them, the last
     published form, with only their expiry refreshed, until the event is republished or deleted
     (keep_unpublished_edits). Nothing is ever written onto an indicator another application owns:
-    Defender's import would overwrite it, since it matches on the upsert key.
+    Defender's import would overwrite it, since it matches on the upsert key. ``partial``: MISP was
+    read in part on purpose (--event): nothing is deleted.
     """
     held = held or {}
     now = time.time() if now is None else now
@@ -2982,7 +3032,7 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
             extras = mine[1:]
         result.deletes.extend(Deletion(e.id, *key, "duplicate of an owned indicator") for e in extras)
 
-    for key in stale_keys(desired, existing, full_sync):
+    for key in [] if partial else stale_keys(desired, existing, full_sync):
         if key in still_selected:
             result.keeps["still carried by a selected MISP attribute"] += 1
             continue
@@ -3109,6 +3159,8 @@ class Report:
     otx_errors: int = 0
     helper_peak_rss_mib: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    sightings: SightingCounts | None = None  # None: the sightings pass did not run
+    sightings_error: str = ""
     tenants: dict[str, Report] = field(default_factory=dict)
     reads: list[tuple[int, int]] = field(default_factory=list)  # (events, attributes) of each MISP read
     secrets: list[str] = field(default_factory=list, repr=False)
@@ -3130,6 +3182,11 @@ class Report:
         self.left_out_items = [{"tenant": p.name, **item} for p in parts for item in p.left_out_items]
         self.misp_error = self.misp_error or next((p.misp_error for p in parts if p.misp_error), "")
         self.deletes_withheld = "; ".join(f"{p.name}: {p.deletes_withheld}" for p in parts if p.deletes_withheld)
+        self.sightings_error = "; ".join(f"{p.name}: {p.sightings_error}" for p in parts if p.sightings_error)
+        counted = [p.sightings for p in parts if p.sightings is not None]
+        if counted:
+            self.sightings = SightingCounts(**{f.name: sum(getattr(c, f.name) for c in counted)
+                                               for f in dataclasses.fields(SightingCounts)})
         self.helper_peak_rss_mib = max([self.helper_peak_rss_mib, *(p.helper_peak_rss_mib for p in parts)])
         api: dict[str, EndpointStats] = {}
         for p in parts:
@@ -3161,7 +3218,9 @@ class Report:
         if self.tenants:  # 2 only when no tenant could proceed; 0 only when every tenant holds its plan
             codes = {t.exit_code for t in self.tenants.values()}
             return codes.pop() if len(codes) == 1 and codes <= {EXIT_OK, EXIT_CANNOT_PROCEED} else EXIT_INCOMPLETE
-        if self.failed or self.left_out or self.misp_error or self.deletes_withheld:
+        if self.failed or self.left_out or self.misp_error or self.deletes_withheld or self.sightings_error:
+            return EXIT_INCOMPLETE
+        if self.sightings is not None and self.sightings.failed:
             return EXIT_INCOMPLETE
         return EXIT_OK
 
@@ -3177,6 +3236,9 @@ class Report:
         calls = sum(s.calls for name, s in self.api.items() if name in ENDPOINT_LIMITS)  # Defender's own
         mode = " (dry run: nothing written)" if self.dry_run else ""
         problem = f", error: {self.fatal}" if self.fatal and self.name else ""
+        if self.sightings is not None:
+            problem = (f", sightings {self.sightings.added} added, {self.sightings.failed} failed" + problem
+                       + (f", sightings error: {self.sightings_error}" if self.sightings_error else ""))
         return (f"{label}: {self.events} events, {self.attributes} attributes, {self.candidates} "
                 f"candidates ({self.duplicates} duplicates), rejected {sum(self.rejected.values())} "
                 f"[{rejected}], created {self.created}, updated {self.updated}, deleted {self.deleted}"
@@ -3231,6 +3293,8 @@ class Report:
             "failed": self.failed, "rejected_items": self.rejected_items, "left_out_items": self.left_out_items,
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
             "otx_errors": self.otx_errors, "phase_seconds": self.phases,
+            "sightings": dataclasses.asdict(self.sightings) if self.sightings is not None else None,
+            "sightings_error": self.sightings_error,
             "api": {name: dataclasses.asdict(s) for name, s in self.api.items()},
             **({"tenants": {name: t.as_dict() for name, t in self.tenants.items()}} if self.tenants else {}),
         }
@@ -3328,6 +3392,187 @@ def format_plan(the_plan: Plan, limit: int = 200) -> str:
     if the_plan.deletes_withheld:
         lines.append(f"! deletes withheld: {the_plan.deletes_withheld}")
     return "\n".join(lines)
+
+
+# ###########################################################################################
+# Sightings: Defender detections back to MISP
+# ###########################################################################################
+
+# Evidence fields of an alert and the indicator type their value is compared as.
+EVIDENCE_FIELDS = {"sha1": "FileSha1", "sha256": "FileSha256", "ipAddress": "IpAddress", "url": "Url",
+                   "domainName": "DomainName"}
+SIGHTING, FALSE_POSITIVE = 0, 1  # MISP's sighting types (2, expiration, is never sent)
+SIGHTING_OVERLAP = 600.0  # seconds: alerts come in no set order; the last ten minutes are read again
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """One sighting to add: an owned value an alert's evidence carried."""
+
+    alert_id: str
+    indicator_type: str
+    value: str
+    kind: int  # SIGHTING or FALSE_POSITIVE
+    timestamp: int
+    source: str
+
+    def describe(self) -> str:
+        kind = "false positive" if self.kind == FALSE_POSITIVE else "sighting"
+        return f"{kind} {self.indicator_type} {self.value} at {format_time(self.timestamp)} — {self.source}"
+
+
+@dataclass
+class SightingCounts:
+    alerts_read: int = 0
+    matched: int = 0
+    added: int = 0
+    false_positive: int = 0
+    already_present: int = 0
+    failed: int = 0
+    evidence_skipped: int = 0
+
+
+def _host_keys(host: str) -> list[tuple[str, str]]:
+    """An evidence host as the keys it can hit: the IP, or the domain and every parent domain.
+
+    A Defender domain indicator covers its subdomains, so www.evil.top hits an owned evil.top.
+    """
+    host = host.strip().strip("[]")
+    if not host:
+        return []
+    try:
+        return [("IpAddress", normalise_ip(host))]
+    except Rejected:
+        pass
+    try:
+        domain = normalise_domain(host)
+    except Rejected:
+        return []
+    labels = domain.split(".")
+    return [("DomainName", ".".join(labels[n:])) for n in range(len(labels) - 1)]
+
+
+def evidence_keys(item: Any) -> list[tuple[str, str]] | None:
+    """The keys one evidence item carries, normalised as mapping normalises MISP values; None if none.
+
+    ``domainName`` on a User entity is the user's Active Directory domain, not a DNS name: skipped.
+    """
+    if not isinstance(item, dict):
+        return None
+    keys: list[tuple[str, str]] = []
+    for name, indicator_type in EVIDENCE_FIELDS.items():
+        value = item.get(name)
+        if not isinstance(value, str) or not value.strip() or len(value) > 8192:
+            continue
+        if name == "domainName":
+            if item.get("entityType") != "User":
+                keys += _host_keys(value)
+            continue
+        if name == "url":
+            scheme, separator, rest = value.strip().partition("://")
+            keys += _host_keys(urlsplit(value.strip()).hostname or "" if separator else rest.split("/")[0])
+        try:
+            keys.append((indicator_type, NORMALISERS[indicator_type](value)))
+        except Rejected:
+            continue
+    return keys or None
+
+
+def candidate_sightings(alerts: Iterable[Any], owned: set[tuple[str, str]], settings: Settings, now: float,
+                        counts: SightingCounts) -> list[Sighting]:
+    """Every (alert, owned value) an alert's evidence carries, as the sighting it makes. Pure.
+
+    Type 0 at the alert's first event time (never in the future); an alert classified FalsePositive
+    makes a false-positive sighting instead (sightings_false_positive). Evidence items without a
+    usable value are counted as skipped.
+    """
+    source = settings.sightings_source + (f" ({settings.name})" if settings.name else "")
+    found: dict[tuple, Sighting] = {}
+    for alert in alerts:
+        counts.alerts_read += 1
+        if not isinstance(alert, dict) or not isinstance(alert.get("id"), str | int):
+            counts.evidence_skipped += 1
+            continue
+        evidence = alert.get("evidence") if isinstance(alert.get("evidence"), list) else []
+        hits: set[tuple[str, str]] = set()
+        for item in evidence:
+            keys = evidence_keys(item)
+            if keys is None:
+                counts.evidence_skipped += 1
+            else:
+                hits.update(key for key in keys if key in owned)
+        if not hits:
+            continue
+        when = parse_time(alert.get("firstEventTime")) or parse_time(alert.get("alertCreationTime")) or now
+        kind = (FALSE_POSITIVE if settings.sightings_false_positive and alert.get("classification") == "FalsePositive"
+                else SIGHTING)
+        for indicator_type, value in sorted(hits):
+            sighting = Sighting(str(alert["id"]), indicator_type, value, kind, int(min(when, now)),
+                                f"{source} alert {alert['id']}")
+            found[sighting.source, kind, indicator_type, value] = sighting
+    counts.matched = len(found)
+    return list(found.values())
+
+
+class MispSightings:
+    """Adds sightings with the sightings key, and asks MISP which ones it holds already.
+
+    MISP does not de-duplicate sightings; its own record is the truth a re-run (or a run after a
+    crash at any point) is checked against, so each (alert, value, type) is added exactly once.
+    """
+
+    def __init__(self, settings: Settings, policy: RetryPolicy):
+        key = settings.sightings_misp_key or settings.misp_key
+        self.source = MispSource(dataclasses.replace(settings, misp_key=key), policy, helper=True)
+
+    def present(self, sightings: list[Sighting]) -> set[tuple[str, int, str]]:
+        """(source, type, value as MISP spells it, lower-cased) of the sightings MISP holds for these alerts."""
+        sources = sorted({s.source for s in sightings})
+        held: set[tuple[str, int, str]] = set()
+        for start in range(0, len(sources), 100):
+            rows = self.source.direct("sightings/restSearch", "MISP sightings search", sightings_of_answer,
+                                      {"source": sources[start:start + 100], "last": 0, "returnFormat": "json"})
+            for row in rows:
+                value = str(row.get("value") or "").lower()
+                held.update((str(row.get("source")), int(row.get("type") or 0), part) for part in value.split("|"))
+        return held
+
+    def add(self, sighting: Sighting) -> None:
+        """One sighting on every selected attribute that holds the value, in any spelling MISP may hold."""
+        body = {"values": sorted(misp_spellings(sighting.indicator_type, sighting.value)), "source": sighting.source,
+                "type": sighting.kind, "timestamp": sighting.timestamp, "filters": {"to_ids": 1}}
+        answer = self.source.direct("sightings/add", "MISP sightings add", lambda a: a, body, once=True)
+        if not isinstance(answer, dict) or not isinstance(answer.get("Sighting"), dict):
+            message = answer.get("message") if isinstance(answer, dict) else None
+            raise AnswerError(f"MISP did not add the sighting: {message or shape_of(answer)}", "misp")
+
+
+def sightings_of_answer(answer: Any) -> list[dict]:
+    rows = answer if isinstance(answer, list) else None
+    if rows is None or not all(isinstance(r, dict) and isinstance(r.get("Sighting"), dict) for r in rows):
+        raise AnswerError(f"the answer is {shape_of(answer)}, not a list of sightings", "misp")
+    return [r["Sighting"] for r in rows]
+
+
+def already_in_misp(sighting: Sighting, held: set[tuple[str, int, str]]) -> bool:
+    return any((sighting.source, sighting.kind, spelling.lower()) in held
+               for spelling in misp_spellings(sighting.indicator_type, sighting.value))
+
+
+def sightings_state_path(settings: Settings) -> Path:
+    return Path(tenant_file(str(Path(settings.lock_file).with_name("misp2defender_sightings.json")), settings.name))
+
+
+def sightings_since(settings: Settings, now: float) -> str:
+    """Where this pass starts: the newest alert update already read, less the overlap, at most the lookback."""
+    floor = now - settings.sightings_lookback_days * 86400.0
+    try:
+        state = json.loads(sightings_state_path(settings).read_text(encoding="utf-8"))
+        newest = parse_time(state.get("newest_alert_update")) if isinstance(state, dict) else None
+    except (OSError, ValueError):
+        newest = None
+    start = max(floor, newest - SIGHTING_OVERLAP) if newest is not None else floor
+    return format_time(start) or ""
 
 
 # ###########################################################################################
@@ -3432,6 +3677,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of the run to FILE")
     parser.add_argument("--tenant", metavar="NAME", action="append", default=[],
                         help="only this tenant of the 'tenants' list (repeatable)")
+    parser.add_argument("--event", metavar="UUID_OR_ID", action="append", default=[],
+                        help="push just this MISP event now, whatever the time window (repeatable); never deletes")
+    parser.add_argument("--ignore-filters", action="store_true",
+                        help="with --event: ignore misp_event_filters (published, tags, ...) too")
+    parser.add_argument("--sightings-only", action="store_true",
+                        help="only turn Defender alerts into MISP sightings (misp_sightings), no sync")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output on stderr (-vv: debug)")
     parser.add_argument("--version", action="version", version=f"misp2defender {__version__}")
     return parser.parse_args(argv)
@@ -3452,7 +3703,10 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
     Tenants whose misp_event_filters are equal share one read. Each tenant is listed, planned and
     applied in its own thread, with its own token, quotas and report: one tenant failing never stops
     or changes another's work. A config without tenants is the one tenant whose report is the run's.
+    Then, with misp_sightings, each tenant's alerts become MISP sightings (alone: --sightings-only).
     """
+    if args.event:  # just these events, whatever the time window (and, with --ignore-filters, the filters)
+        tenants = [dataclasses.replace(t, misp_event_filters=event_filters(t, args)) for t in tenants]
     shared = tenants[0]
     dry_run = args.dry_run or shared.dry_run
     report.dry_run, report.full_sync = dry_run, args.full_sync
@@ -3461,17 +3715,30 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
     misp = MispSource(shared, shared.retry_policy(deadline))
     misp_lock = threading.Lock()  # PyMISP's session is not shared between threads
     otx = OtxClient(shared, shared.retry_policy(deadline)) if shared.exclude_if_in_alienvault else None
+    sightings = sightings_writer(shared, deadline, runs) if shared.misp_sightings else None
     workers = min(shared.max_parallel_tenants, len(runs))
     try:
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tenant") as listing, \
                 concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tenant") as finishing:
             finished = []
-            for group in selection_groups(runs):
-                read_selection(misp, group, args, report, listing, close_in_helper, single)
-                finished += [finishing.submit(in_tenant, r, r.finish, misp, misp_lock, otx, args, dry_run)
-                             for r in group if r.desired is not None]
+            if args.sightings_only:
+                finished = [finishing.submit(in_tenant, r, r.prepare) for r in runs]
+            else:
+                for group in selection_groups(runs):
+                    seen = read_selection(misp, group, args, report, listing, close_in_helper, single)
+                    missing = [e for e in args.event if e.lower() not in seen]
+                    for r in group:
+                        if missing and r.desired is not None:
+                            r.status.fail(f"event not found in MISP (or not selected by the filters): "
+                                          f"{', '.join(missing)}")
+                    finished += [finishing.submit(in_tenant, r, r.finish, misp, misp_lock, otx, args, dry_run)
+                                 for r in group if r.desired is not None]
             for future in finished:
                 future.result()
+            if sightings is not None:
+                for future in [finishing.submit(in_tenant, r, r.sightings, sightings, misp_lock, dry_run)
+                               for r in runs if not r.report.fatal]:
+                    future.result()
     finally:
         for r in runs:
             r.close()
@@ -3484,6 +3751,34 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
         report.add_up()
 
 
+def event_filters(tenant: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """--event: the tenant's filters without a time window (none with --ignore-filters), for these events."""
+    kept = {} if args.ignore_filters else selection_filters(tenant.misp_event_filters, full_sync=True)
+    return {**kept, "eventid": list(args.event)}
+
+
+def sightings_writer(shared: Settings, deadline: Deadline, runs: list[TenantRun]) -> MispSightings | None:
+    """The MISP connection sightings are added with; when it cannot be had, every tenant's pass says why."""
+    try:
+        return MispSightings(shared, shared.retry_policy(deadline))
+    except Misp2DefenderError as exc:
+        for r in runs:
+            r.report.sightings, r.report.sightings_error = SightingCounts(), sightings_problem(exc)
+        log.error("sightings: %s", exc)
+        return None
+
+
+def sightings_problem(exc: Misp2DefenderError) -> str:
+    """What failed in the sightings pass, and the fix for its kind."""
+    if isinstance(exc, CredentialError) and exc.service == "defender":
+        return (f"{exc} (the alerts are read with WindowsDefenderATP's application permission Alert.Read.All: "
+                "grant it to the app, with admin consent)")
+    if isinstance(exc, CredentialError) and exc.service == "misp":
+        return (f"{exc}: the sightings key's MISP user needs a role that may add sightings (perm_sighting); "
+                "set sightings_misp_key to such a key (the sync's own key can stay read-only)")
+    return str(exc)
+
+
 def selection_groups(runs: list[TenantRun]) -> list[list[TenantRun]]:
     """Tenants with the same misp_event_filters, in config order: each group is one MISP read."""
     groups: dict[str, list[TenantRun]] = {}
@@ -3493,12 +3788,12 @@ def selection_groups(runs: list[TenantRun]) -> list[list[TenantRun]]:
 
 
 def read_selection(misp: MispSource, group: list[TenantRun], args: argparse.Namespace, report: Report,
-                   listing: concurrent.futures.Executor, close_in_helper: Iterable[int], single: bool) -> None:
+                   listing: concurrent.futures.Executor, close_in_helper: Iterable[int], single: bool) -> set[str]:
     """One MISP read for a group of tenants, while each tenant's Defender is listed in parallel."""
     if single:  # a bad secret stops the run before any MISP paging
         in_tenant(group[0], group[0].authenticate)
         if group[0].report.fatal:
-            return
+            return set()
     else:
         bounds = [listing.submit(in_tenant, r, r.prepare) for r in group]
     reader = SelectionReader(misp, [r.settings for r in group], args.full_sync, time.time(),
@@ -3515,6 +3810,7 @@ def read_selection(misp: MispSource, group: list[TenantRun], args: argparse.Name
     finally:
         reader.close()
     report.reads.append((status.events, sum(d.attributes for d in desireds) // max(len(desireds), 1)))
+    seen = reader.seen
     for r, desired in zip(group, desireds, strict=True):
         if r.report.fatal or desired.dropped:
             continue  # its listing failed: the tenant's report says why
@@ -3522,6 +3818,7 @@ def read_selection(misp: MispSource, group: list[TenantRun], args: argparse.Name
                                                       error=status.error,
                                                       helper_peak_rss_mib=status.helper_peak_rss_mib)
         r.report.record_read(desired, r.status)
+    return seen
 
 
 def in_tenant(tenant_run: TenantRun, step: Callable[..., T], *args: Any) -> T | None:
@@ -3585,14 +3882,18 @@ class TenantRun:
         """Confirm with MISP, plan, drop what OTX knows, write the plan out, and apply it."""
         s, report, desired, status = self.settings, self.report, self.desired, self.status
         assert desired is not None
-        with misp_lock:
-            held = held_by_edited_events(misp, [e.key for e in self.existing if e.owned], s, status)
-            stale = [key for key in stale_keys(desired, self.existing, args.full_sync) if key not in held]
-            still_selected = confirm_with_misp(misp, stale, s, status)
+        partial = bool(args.event)  # some events on purpose: creates and updates, never a delete
+        held: dict[tuple[str, str], Candidate] = {}
+        still_selected: frozenset = frozenset()
+        if not partial:
+            with misp_lock:
+                held = held_by_edited_events(misp, [e.key for e in self.existing if e.owned], s, status)
+                stale = [key for key in stale_keys(desired, self.existing, args.full_sync) if key not in held]
+                still_selected = confirm_with_misp(misp, stale, s, status)
         report.misp_error = status.error
         with report.phase("plan"):
             the_plan = plan(desired, self.existing, s, read_complete=status.complete, full_sync=args.full_sync,
-                            still_selected=still_selected, held=held, force=args.force)
+                            still_selected=still_selected, held=held, force=args.force, partial=partial)
         if otx is not None and the_plan.creates:
             exclude_known_to_otx(the_plan, otx, report)
         report.record_plan(the_plan, s)
@@ -3606,6 +3907,46 @@ class TenantRun:
         assert self.client is not None, "validation requires Defender credentials unless dry_run"
         with report.phase("apply"):
             apply_plan(the_plan, self.client, s, report)
+
+    def sightings(self, writer: MispSightings, misp_lock: threading.Lock, dry_run: bool) -> None:
+        """Alerts on values this tenant owns become MISP sightings; a failure here never undoes the sync."""
+        s, counts = self.settings, SightingCounts()
+        self.report.sightings = counts
+        if self.client is None:
+            return  # no Defender credentials (a dry run without them): no alerts to read
+        try:
+            now = time.time()
+            alerts = self.client.list_alerts(sightings_since(s, now))
+            owned = {e.key for e in self.existing if e.owned}
+            candidates = candidate_sightings(alerts, owned, s, now, counts)
+            with misp_lock:
+                held = writer.present(candidates) if candidates else set()
+            todo = [c for c in candidates if not already_in_misp(c, held)]
+            counts.already_present = len(candidates) - len(todo)
+            if dry_run:
+                self.plan_text += "".join(f"\n  + {c.describe()}" for c in todo) if todo else ""
+                self.plan_text += f"\nSightings: {len(todo)} to add, {counts.already_present} in MISP already"
+                return
+            for sighting in todo:
+                try:
+                    with misp_lock:
+                        writer.add(sighting)
+                except CredentialError:
+                    raise
+                except Misp2DefenderError as exc:
+                    counts.failed += 1
+                    log.error("sighting of %s for alert %s not added: %s", sighting.value, sighting.alert_id, exc)
+                    continue
+                counts.added += 1
+                counts.false_positive += sighting.kind == FALSE_POSITIVE
+            if not counts.failed:  # a failed one is read again next time (MISP says if it landed after all)
+                newest = max((t for t in (parse_time(a.get("lastUpdateTime")) for a in alerts
+                                          if isinstance(a, dict)) if t is not None), default=None)
+                if newest is not None:
+                    write_json(sightings_state_path(s), {"newest_alert_update": format_time(newest)}, s.secrets)
+        except Misp2DefenderError as exc:
+            self.report.sightings_error = sightings_problem(exc)
+            log.error("sightings: %s", self.report.sightings_error)
 
     def close(self) -> None:
         if self.json_log is not None:
@@ -3849,6 +4190,8 @@ def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
         checks.ok(f"MISP: {shared.misp_url} answers (MISP {version}) and accepts the API key")
     except Misp2DefenderError as exc:
         checks.error(exc)
+    if shared.misp_sightings:
+        check_sightings_key(checks, shared, policy)
     counted: dict[str, int] = {}
     for tenant in tenants:
         if tenant.name:
@@ -3892,6 +4235,29 @@ def check_defender(checks: Checklist, tenant: Settings, policy: RetryPolicy) -> 
         checks.ok(f"Defender: {tenant.api_url} lets this app read indicators")
     except Misp2DefenderError as exc:
         checks.error(exc)
+        return
+    if tenant.misp_sightings:
+        try:
+            client.list_alerts(format_time(time.time()) or "", page_size=1, limit=1)
+            checks.ok("Defender: this app may read alerts (Alert.Read.All), for the sightings")
+        except Misp2DefenderError as exc:
+            checks.fail(f"Defender: {sightings_problem(exc)}", fix_for(exc))
+
+
+def check_sightings_key(checks: Checklist, shared: Settings, policy: RetryPolicy) -> None:
+    """The key sightings are added with must belong to a MISP role that may add them (nothing is written)."""
+    source = "sightings_misp_key" if shared.sightings_misp_key else "misp_key"
+    try:
+        role = MispSightings(shared, policy).source.misp._current_role
+    except Misp2DefenderError as exc:
+        checks.error(exc)
+        return
+    if getattr(role, "perm_sighting", False):
+        checks.ok(f"MISP: {source} may add sightings (role {getattr(role, 'name', '?')})")
+    else:
+        checks.fail(f"MISP: {source}'s role ({getattr(role, 'name', '?')}) may not add sightings",
+                    "give that user a role with 'Sighting' permission, or set sightings_misp_key to a key "
+                    "that has it (the sync's own key can stay read-only)")
 
 
 class Terminated(BaseException):
@@ -3914,6 +4280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = load_config_module(args.config)
         tenants = build_tenants(raw, config_path=args.config, dry_run=args.dry_run, only=args.tenant)
+        check_arguments(args, tenants[0])
         report.secrets = all_secrets(tenants)
         if args.report:
             check_writable("--report", args.report)
@@ -3961,6 +4328,16 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().removeHandler(handler)
             handler.close()
     return report.exit_code
+
+
+def check_arguments(args: argparse.Namespace, shared: Settings) -> None:
+    """Options that contradict each other or the config: said before anything is contacted."""
+    if args.ignore_filters and not args.event:
+        raise ConfigError("--ignore-filters goes with --event")
+    if args.event and args.full_sync:
+        raise ConfigError("--event reads some events only: it cannot be a --full-sync")
+    if args.sightings_only and not shared.misp_sightings:
+        raise ConfigError("--sightings-only needs misp_sightings = True in config.py")
 
 
 def all_secrets(tenants: Iterable[Settings]) -> list[str]:
