@@ -595,6 +595,10 @@ OPTIONS: dict[str, Option] = {
     "vetted_attribute_classifier": Option("vetted_attribute_tags", ['course-of-action:active="deny"'], _tag_list),
     "include_tags": Option("include_tags", [], _tag_list, tenant=True),
     "exclude_tags": Option("exclude_tags", [], _tag_list, tenant=True),
+    # MISP decaying models
+    "decay_model": Option("", None, None),
+    "decay_threshold": Option("decay_threshold", None, None),
+    "decay_expiry": Option("decay_expiry", False, flag),
     # Detections back to MISP as sightings
     "misp_sightings": Option("misp_sightings", False, flag),
     "sightings_lookback_days": Option("sightings_lookback_days", 7, integer(1, 180)),
@@ -613,6 +617,33 @@ TENANT_KEYS = frozenset({"name", *(name for name, option in OPTIONS.items() if o
 GRAPH_AUTH_KEYS = ("tenant", "client_id", "client_secret", "authority", "client_certificate",
                    "client_certificate_thumbprint", "client_assertion_file", "managed_identity")
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class DecayModel:
+    """A MISP decaying model (Polynomial formula), as decayingModel/index describes it."""
+
+    id: str
+    name: str
+    lifetime: float  # days
+    decay_speed: float
+    threshold: float
+    default_base_score: float
+    enabled: bool
+
+    def crossing(self, score: float, base: float, threshold: float, now: float) -> float | None:
+        """When the score falls to ``threshold`` (epoch), from its value now.
+
+        MISP's Polynomial model: score = base × (1 − (t/lifetime)^(1/decay_speed)), t in days since
+        the last sighting (else last_seen, else the attribute's timestamp). So the time elapsed at a
+        score S is lifetime × (1 − S/base)^decay_speed, and the crossing comes that much less the
+        elapsed time at the threshold T later: now + lifetime × ((1 − T/base)^speed − (1 − S/base)^speed).
+        """
+        if base <= 0 or not 0 <= threshold < base:
+            return None
+        elapsed = self.lifetime * (1 - min(max(score, 0.0), base) / base) ** self.decay_speed
+        at_threshold = self.lifetime * (1 - threshold / base) ** self.decay_speed
+        return now + (at_threshold - elapsed) * 86400.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -683,6 +714,15 @@ class Settings:
     sightings_source: str = "Microsoft Defender for Endpoint"
     sightings_false_positive: bool = True
     sightings_misp_key: str = ""  # "": the MISP key
+    decay_model: str = ""  # the model's name or id as config.py gives it; "" = off
+    decay_threshold: float | None = None  # None: the model's own threshold
+    decay_expiry: bool = False
+    decay: DecayModel | None = None  # the model as MISP holds it, found at the start of a run
+
+    @property
+    def decay_query(self) -> dict[str, Any]:
+        """What a restSearch needs for the model's scores on each attribute."""
+        return {"includeDecayScore": 1, "decayingModel": [int(self.decay.id)]} if self.decay else {}
     managed_identity: tuple[str, str] | None = None  # ("system", "") or ("client_id"|"resource_id"|"object_id", id)
     client_assertion_file: str = ""  # workload identity federation: re-read for every new token
     key_vault_url: str = ""
@@ -800,6 +840,16 @@ def managed_identity_of(value: Any) -> tuple[str, str] | None:
                       f"not {value!r}")
 
 
+def decay_settings(model: Any, threshold: Any) -> tuple[str, float | None]:
+    if model is not None and (isinstance(model, bool) or not isinstance(model, (str, int))):
+        raise ConfigError(f"config key decay_model must be a decaying model's name or id, not {model!r}")
+    if threshold is not None:
+        _expect("decay_threshold", threshold, (int, float), "a score from 0 to 100, or None")
+        if not 0 <= threshold <= 100:
+            raise ConfigError(f"config key decay_threshold must be between 0 and 100, not {threshold}")
+    return ("" if model is None else str(model).strip()), (None if threshold is None else float(threshold))
+
+
 def key_vault_settings(cfg: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
     url = text("key_vault_url", cfg["key_vault_url"]).strip().rstrip("/")
     names = _expect("key_vault_secrets", cfg["key_vault_secrets"], dict, "a dict like {'misp_key': '<secret name>'}")
@@ -905,6 +955,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         raise ConfigError("config key otx_alienvault_api is required when exclude_if_in_alienvault "
                           "is True (or set MISP2DEFENDER_OTX_KEY)")
 
+    fields["decay_model"], fields["decay_threshold"] = decay_settings(cfg["decay_model"], cfg["decay_threshold"])
     log_file = text("log_file", cfg["log_file"])
     lock_file = text("lock_file", cfg["lock_file"]) or str(
         Path(log_file or "misp2defender.log").with_name("misp2defender.lock"))
@@ -1156,19 +1207,21 @@ class MispSource:
             return None
         return response.status_code
 
-    def _search(self, controller: str, what: str, check: Callable[[Any], T], **query: Any) -> T:
+    def search(self, controller: str, what: str, check: Callable[[Any], T], **query: Any) -> T:
         """One restSearch call under the retry policy, its answer checked by ``check``."""
         return self._request(what, check, lambda: self.misp.search(controller=controller, return_format="json",
                                                                    **query))
 
     def direct(self, path: str, what: str, check: Callable[[Any], T], body: Mapping[str, Any], *,
-               once: bool = False) -> T:
+               once: bool = False, method: str = "POST") -> T:
         """One call PyMISP has no method for (or mis-sends), under the same policy and checks.
 
         ``once``: never sent twice (a write whose answer was lost may have landed).
         """
         policy = dataclasses.replace(self.policy, max_retries=0) if once else self.policy
-        return self._request(what, check, lambda: self.misp.direct_call(path, dict(body)), policy)
+        send = (lambda: self.misp.direct_call(path, dict(body))) if method == "POST" else (
+            lambda: self.misp.direct_call(path))
+        return self._request(what, check, send, policy)
 
     def _request(self, what: str, check: Callable[[Any], T], send: Callable[[], Any],
                  policy: RetryPolicy | None = None) -> T:
@@ -1196,6 +1249,17 @@ class MispSource:
 
         return (policy or self.policy).run(what, attempt, service="misp")
 
+    def decaying_model(self, wanted: str) -> DecayModel:
+        """The decaying model decay_model names (by name or id), as this MISP holds it; enabled."""
+        models = self.direct("decayingModel/index", "MISP decaying models", decaying_models_of, {}, method="GET")
+        found = next((m for m in models if wanted in (m.id, m.name)), None)
+        if found is None:
+            known = ", ".join(f"{m.name!r} (id {m.id})" for m in models) or "none: load them first"
+            raise ConfigError(f"decay_model {wanted!r}: MISP has no such decaying model (it has {known})", "decay")
+        if not found.enabled:
+            raise ConfigError(f"decay_model {wanted!r}: the decaying model is disabled on MISP", "decay")
+        return found
+
     def count_events(self) -> int:
         """How many events the filters select (for --check), from metadata only.
 
@@ -1209,7 +1273,7 @@ class MispSource:
             query = {**filters, "metadata": True}
             if "limit" not in filters:
                 query.update(limit=self.settings.misp_page_size, page=page)
-            events = self._search("events", f"MISP events page {page}", events_of_page, **query)
+            events = self.search("events", f"MISP events page {page}", events_of_page, **query)
             count += len(events)
             if "limit" in filters or len(events) < self.settings.misp_page_size:
                 return count
@@ -1223,7 +1287,8 @@ class MispSource:
         ``next_page()`` hands out next. Soft-deleted attributes are requested too (``deleted:
         [0, 1]``) so that a retraction inside the time window can be seen and acted on.
         """
-        filters = {**selection_filters(self.settings.misp_event_filters, full_sync), **(extra or {})}
+        filters = {**selection_filters(self.settings.misp_event_filters, full_sync), **self.settings.decay_query,
+                   **(extra or {})}
         filters.setdefault("deleted", [0, 1])
         single_page = "limit" in filters
         pages = itertools.count(1)
@@ -1237,7 +1302,7 @@ class MispSource:
             query = dict(filters) if single_page else {**filters, "limit": self.settings.misp_page_size,
                                                         "page": page}
             try:
-                events = self._search("events", f"MISP events page {page}", events_of_page, **query)
+                events = self.search("events", f"MISP events page {page}", events_of_page, **query)
             except Misp2DefenderError as exc:
                 status.fail(str(exc))
                 return
@@ -1261,14 +1326,33 @@ class MispSource:
         filters.pop("page", None)
         found = []
         for start in range(0, len(values), 200):
-            attributes = self._search("attributes", "MISP value check", attributes_of_answer,
+            attributes = self.search("attributes", "MISP value check", attributes_of_answer,
                                       value=values[start:start + 200], to_ids=1, include_event_tags=True,
-                                      **{**filters, **(extra or {})})
+                                      **{**filters, **self.settings.decay_query, **(extra or {})})
             found.extend(split_inherited_tags(attribute) for attribute in attributes)
         return found
 
 
 WARNINGLIST_FLAGS = ("enforceWarninglist", "includeWarninglistHits")
+
+
+def decaying_models_of(answer: Any) -> list[DecayModel]:
+    """decayingModel/index: [{"DecayingModel": {id, name, enabled, parameters: {...}}}, ...]."""
+    if not isinstance(answer, list):
+        raise AnswerError(f"the answer is {shape_of(answer)}, not a list of decaying models", "misp")
+    models = []
+    for item in answer:
+        model = item.get("DecayingModel") if isinstance(item, dict) else None
+        parameters = model.get("parameters") if isinstance(model, dict) else None
+        if not isinstance(parameters, dict):
+            continue
+        numbers = [epoch_or(parameters.get(k), -1.0) for k in ("lifetime", "decay_speed", "threshold",
+                                                               "default_base_score")]
+        if min(numbers) < 0 or numbers[0] <= 0:
+            continue  # not a Polynomial model this tool can predict
+        models.append(DecayModel(str(model.get("id")), str(model.get("name")), *numbers,
+                                 enabled=model.get("enabled") in (True, 1, "1", "true")))
+    return models
 
 
 def shape_of(value: Any) -> str:
@@ -1386,6 +1470,7 @@ class Candidate:
     comment: str
     attribute_timestamp: float
     generate_alert: bool
+    score: float = -1.0  # the decaying model's score (decay_model); -1 when there is none
 
     # A candidate is its own mapping outcome: one object less per attribute on the hot path.
     kind: ClassVar[str] = "candidate"
@@ -1668,6 +1753,8 @@ def event_mapper(event: EventContext, settings: Settings, now: float,
     several tenants share one normalisation of each value (the costly part) for the event.
     """
     include, exclude = settings.include_tags, settings.exclude_tags
+    decay = settings.decay
+    threshold = decay_threshold(settings)
     vetted_event = bool(event.tags & settings.vetted_event_tags)
     vetted_tags = settings.vetted_attribute_tags
     event_severity = event.severity or settings.severity
@@ -1716,6 +1803,9 @@ def event_mapper(event: EventContext, settings: Settings, now: float,
                 return [_rejected(str(found), attribute, event)]
             keys.append((indicator_type, found))  # domain|ip: one bad half does not spoil the other
 
+        score, base = decay_score_of(attribute, decay.id) if decay is not None else (-1.0, 0.0)
+        if decay is not None and not retracted and 0 <= score < threshold:
+            retracted = f"decayed (score below {threshold:g})"  # goes, as a retraction does
         attribute_tags = tag_names(attribute) if attribute.get("Tag") else NO_TAGS
         if attribute_tags:
             severity = _tag_override(attribute_tags, THREAT_LEVEL_SEVERITY) or event_severity
@@ -1739,6 +1829,10 @@ def event_mapper(event: EventContext, settings: Settings, now: float,
                     outcomes.append(_rejected(action, attribute, event))
                     continue
                 expiration, days = expiration_for(settings, indicator_type, tlp_clear, attribute, now)
+                if decay is not None and settings.decay_expiry and score >= 0:
+                    crossing = decay.crossing(score, base, threshold, now)
+                    if crossing is not None and (expiration is None or crossing < expiration):
+                        expiration, days = crossing, 0  # stable: no refresh until the score moves
                 if expiration is not None and expiration <= now:
                     outcomes.append(Outcome("skipped", "already expired", key=(indicator_type, value)))
                     continue
@@ -1748,7 +1842,7 @@ def event_mapper(event: EventContext, settings: Settings, now: float,
                     indicator_type, value, action[0], severity, expiration, days, title, event_id, event_uuid,
                     misp_type, category if isinstance(category, str) else "",
                     comment[:500] if isinstance(comment, str) and comment else "",
-                    epoch_or(attribute.get("timestamp"), event_timestamp), action[1] or default_alert))
+                    epoch_or(attribute.get("timestamp"), event_timestamp), action[1] or default_alert, score))
         return outcomes
 
     return map_one
@@ -1757,14 +1851,34 @@ def event_mapper(event: EventContext, settings: Settings, now: float,
 def rank(candidate: Candidate) -> tuple:
     """One order for candidates, used both between duplicates of a key and for the tenant cap.
 
-    Strongest severity, then strongest action (Block before Audit), then latest expiry, then
-    newest attribute, then fixed tie-breaks. Because the duplicate that wins a key is also the one
+    Highest decay score first (decay_model; otherwise all equal), then strongest severity, then
+    strongest action (Block before Audit), then latest expiry, then newest attribute, then fixed
+    tie-breaks. Because the duplicate that wins a key is also the one
     the cap ranks, the choice never depends on which key Defender already holds nor on page order:
     a plan over the cap settles instead of switching a value between two duplicates every run.
     """
     c = candidate
-    return (SEVERITY_RANK[c.severity], ACTION_RANK.get(c.action, 0), math.inf if c.expiration is None else c.expiration,
+    return (c.score, SEVERITY_RANK[c.severity], ACTION_RANK.get(c.action, 0),
+            math.inf if c.expiration is None else c.expiration,
             c.attribute_timestamp, c.event_uuid, c.attribute_type, c.category, c.comment)
+
+
+def decay_threshold(settings: Settings) -> float:
+    if settings.decay is None:
+        return 0.0
+    return settings.decay.threshold if settings.decay_threshold is None else settings.decay_threshold
+
+
+def decay_score_of(attribute: dict, model_id: str) -> tuple[float, float]:
+    """The model's (score, base score) in an attribute's ``decay_score`` list; (-1, 0) when it has none."""
+    entries = attribute.get("decay_score")
+    if isinstance(entries, list):
+        for entry in entries:
+            model = entry.get("DecayingModel") if isinstance(entry, dict) else None
+            if isinstance(model, dict) and str(model.get("id")) == model_id:
+                score, base = epoch_or(entry.get("score"), -1.0), epoch_or(entry.get("base_score"), 0.0)
+                return (score, base) if 0 <= score <= 1000 else (-1.0, 0.0)
+    return (-1.0, 0.0)
 
 
 def stronger(a: Candidate, b: Candidate) -> Candidate:
@@ -1849,6 +1963,7 @@ class Desired:
     skipped: Counter = field(default_factory=Counter)
     rejected_items: list[dict] = field(default_factory=list)
     attributes: int = 0
+    values: int = 0  # outcomes: one per attribute, two for a domain|ip
     duplicates: int = 0
     interesting: frozenset | None = None
     room: int | None = None
@@ -1871,6 +1986,7 @@ class Desired:
                 self._seen.add(fingerprint)
             self._place(outcome)
         elif outcome.kind == "retraction":
+            self.skipped[outcome.reason] += 1  # not pushed; and if Defender holds it, it goes
             if self.interesting is None or outcome.key in self.interesting:
                 self.retractions.setdefault(outcome.key, outcome.reason)
         elif outcome.kind == "rejected":
@@ -1946,6 +2062,7 @@ class Desired:
         fingerprints = list(fingerprints)
         overlap = sum(map(self._seen.__contains__, fingerprints))
         self.attributes += part.attributes
+        self.values += part.values
         self.duplicates += part.duplicates + overlap
         self._distinct_elsewhere += len(fingerprints) - overlap
         self.rejected.update(part.rejected)
@@ -2009,9 +2126,13 @@ def collect_for(events: Iterable[dict], targets: list[Target], now: float,
             map_one = event_mapper(context, target.settings, now, normalised)
             add = desired.add
             desired.attributes += len(attributes)
+            values = 0
             for attribute in attributes:
-                for outcome in map_one(attribute):
+                outcomes = map_one(attribute)
+                values += len(outcomes)  # a domain|ip attribute is two values
+                for outcome in outcomes:
                     add(outcome)
+            desired.values += values
 
 
 # --- Reading the whole selection: page 1 here, the rest shared with a helper when it is large ---
@@ -3137,6 +3258,7 @@ class Report:
     full_sync: bool = False
     events: int = 0
     attributes: int = 0
+    values: int = 0  # what mapping made of the attributes: candidates + duplicates + rejected + skipped
     candidates: int = 0
     duplicates: int = 0
     rejected: Counter = field(default_factory=Counter)
@@ -3174,7 +3296,8 @@ class Report:
         parts = list(self.tenants.values())
         self.events = sum(events for events, _ in self.reads)
         self.attributes = sum(attributes for _, attributes in self.reads)
-        for name in ("candidates", "duplicates", "created", "updated", "deleted", "kept", "left_out", "otx_errors"):
+        for name in ("candidates", "duplicates", "created", "updated", "deleted", "kept", "left_out", "otx_errors",
+                     "values"):
             setattr(self, name, sum(getattr(p, name) for p in parts))
         for name in ("rejected", "skipped", "deleted_by_reason", "kept_by_reason"):
             setattr(self, name, sum((getattr(p, name) for p in parts), Counter()))
@@ -3239,16 +3362,20 @@ class Report:
         if self.sightings is not None:
             problem = (f", sightings {self.sightings.added} added, {self.sightings.failed} failed" + problem
                        + (f", sightings error: {self.sightings_error}" if self.sightings_error else ""))
-        return (f"{label}: {self.events} events, {self.attributes} attributes, {self.candidates} "
-                f"candidates ({self.duplicates} duplicates), rejected {sum(self.rejected.values())} "
-                f"[{rejected}], created {self.created}, updated {self.updated}, deleted {self.deleted}"
+        skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common(4))
+        more = len(self.skipped) - 4
+        skipped += f", {more} more reasons" if more > 0 else ""
+        return (f"{label}: {self.events} events, {self.attributes} attributes ({self.values} values: "
+                f"{self.candidates} candidates, {self.duplicates} duplicates, rejected {sum(self.rejected.values())} "
+                f"[{rejected}], skipped {sum(self.skipped.values())} [{skipped or 'none'}]); "
+                f"created {self.created}, updated {self.updated}, deleted {self.deleted}"
                 f"{f' [{deleted}]' if deleted else ''}, "
                 f"kept {self.kept}, left out {self.left_out}, failed {len(self.failed)}, "
                 f"API calls {calls}, exit {self.exit_code}{mode}{problem}")
 
     def record_read(self, desired: Desired, status: MispReadStatus) -> None:
         self.helper_peak_rss_mib = status.helper_peak_rss_mib
-        self.events, self.attributes = status.events, desired.attributes
+        self.events, self.attributes, self.values = status.events, desired.attributes, desired.values
         self.candidates, self.duplicates = desired.distinct, desired.duplicates
         self.rejected, self.skipped = desired.rejected, desired.skipped
         self.rejected_items = desired.rejected_items
@@ -3257,7 +3384,8 @@ class Report:
         self.kept, self.left_out = sum(the_plan.keeps.values()), the_plan.left_out_count
         self.kept_by_reason = Counter(the_plan.keeps)
         self.left_out_items = [{"type": c.indicator_type, "value": c.value, "severity": c.severity,
-                                "action": c.action, "event_id": c.event_id} for c in the_plan.left_out]
+                                "action": c.action, "event_id": c.event_id,
+                                **({"score": round(c.score, 2)} if c.score >= 0 else {})} for c in the_plan.left_out]
         self.deletes_withheld = the_plan.deletes_withheld
         if the_plan.deletes_withheld:
             log.error("%s", the_plan.deletes_withheld)
@@ -3284,7 +3412,8 @@ class Report:
             "peak_rss_mib": round(max(peak_rss_mib(), self.helper_peak_rss_mib), 1),
             "helper_peak_rss_mib": round(self.helper_peak_rss_mib, 1),
             "dry_run": self.dry_run, "full_sync": self.full_sync,
-            "counts": {"events": self.events, "attributes": self.attributes, "candidates": self.candidates,
+            "counts": {"events": self.events, "attributes": self.attributes, "values": self.values,
+                       "candidates": self.candidates, "skipped": sum(self.skipped.values()),
                        "duplicates": self.duplicates, "created": self.created, "updated": self.updated,
                        "deleted": self.deleted, "kept": self.kept, "left_out": self.left_out,
                        "failed": len(self.failed), "rejected": sum(self.rejected.values())},
@@ -3379,7 +3508,8 @@ def format_plan(the_plan: Plan, limit: int = 200) -> str:
             lines.append(f"  ... and {len(rows) - limit} more (use --report FILE for all)")
 
     def describe(c: Candidate) -> str:
-        return (f"{c.indicator_type} {c.value} [{c.action}, {c.severity}, expires "
+        score = f", score {c.score:.1f}" if c.score >= 0 else ""
+        return (f"{c.indicator_type} {c.value} [{c.action}, {c.severity}{score}, expires "
                 f"{format_time(c.expiration) or 'never'}] event {c.event_id}")
 
     section("+ create", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.creates])
@@ -3707,12 +3837,16 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
     """
     if args.event:  # just these events, whatever the time window (and, with --ignore-filters, the filters)
         tenants = [dataclasses.replace(t, misp_event_filters=event_filters(t, args)) for t in tenants]
+    misp = MispSource(tenants[0], tenants[0].retry_policy(deadline))
+    if tenants[0].decay_model:
+        model = misp.decaying_model(tenants[0].decay_model)
+        tenants = [dataclasses.replace(t, decay=model) for t in tenants]
+        misp.settings = tenants[0]
     shared = tenants[0]
     dry_run = args.dry_run or shared.dry_run
     report.dry_run, report.full_sync = dry_run, args.full_sync
     single = len(tenants) == 1 and not tenants[0].name
     runs = [TenantRun(t, report if single else report.tenant(t.name), deadline) for t in tenants]
-    misp = MispSource(shared, shared.retry_policy(deadline))
     misp_lock = threading.Lock()  # PyMISP's session is not shared between threads
     otx = OtxClient(shared, shared.retry_policy(deadline)) if shared.exclude_if_in_alienvault else None
     sightings = sightings_writer(shared, deadline, runs) if shared.misp_sightings else None
@@ -3981,7 +4115,9 @@ def exclude_known_to_otx(the_plan: Plan, otx: OtxClient, report: Report) -> None
     looked_up: set[tuple[str, str]] = set()
     while todo := [c.candidate.key for c in the_plan.creates if not c.replaces and c.candidate.key not in looked_up]:
         looked_up.update(todo)
-        report.skipped["known in AlienVault OTX"] += exclude_known(the_plan, otx.known(todo))
+        known = exclude_known(the_plan, otx.known(todo))
+        report.skipped["known in AlienVault OTX"] += known
+        report.candidates -= known  # skipped now, so that the counts still add up
     report.otx_errors = otx.errors_for(looked_up)
     report.api["otx"] = otx.stats
     if report.otx_errors:
@@ -4067,11 +4203,13 @@ FIXES = {
     "keyvault": "check key_vault_url and key_vault_secrets, and that the identity reading the vault (graph_auth's "
                 "managed identity, or its app) has the 'Key Vault Secrets User' role on it",
     "keyvault_reach": "allow HTTPS to key_vault_url (and the vault's firewall to this host) or set HTTPS_PROXY",
+    "decay": "in MISP, Administration → Decaying Models: 'Update all default models' loads MISP's models, then "
+             "Enable the one decay_model names (or set decay_model to an enabled model's name or id)",
     "certificate": "trust the CA that signed the certificate: REQUESTS_CA_BUNDLE for Microsoft hosts behind a "
                    "TLS-inspecting proxy, misp_verifycert = '/path/to/ca.pem' for MISP",
 }
 SERVICE_NAMES = {"misp": "MISP", "entra": "Entra", "defender": "Defender", "otx": "OTX", "files": "files",
-                 "config": "config", "lock": "lock", "keyvault": "Key Vault"}
+                 "config": "config", "lock": "lock", "keyvault": "Key Vault", "decay": "MISP decaying model"}
 
 
 def fix_for(exc: Misp2DefenderError) -> str:
@@ -4192,6 +4330,8 @@ def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
         checks.error(exc)
     if shared.misp_sightings:
         check_sightings_key(checks, shared, policy)
+    if shared.decay_model and misp is not None:
+        tenants = check_decay(checks, misp, tenants)
     counted: dict[str, int] = {}
     for tenant in tenants:
         if tenant.name:
@@ -4242,6 +4382,35 @@ def check_defender(checks: Checklist, tenant: Settings, policy: RetryPolicy) -> 
             checks.ok("Defender: this app may read alerts (Alert.Read.All), for the sightings")
         except Misp2DefenderError as exc:
             checks.fail(f"Defender: {sightings_problem(exc)}", fix_for(exc))
+
+
+def check_decay(checks: Checklist, misp: MispSource, tenants: list[Settings]) -> list[Settings]:
+    """The decaying model: on MISP, enabled, and scoring the selected attributes (the first 1,000)."""
+    shared = tenants[0]
+    try:
+        model = misp.decaying_model(shared.decay_model)
+    except Misp2DefenderError as exc:
+        checks.error(exc)
+        return tenants
+    tenants = [dataclasses.replace(t, decay=model) for t in tenants]
+    misp.settings = tenants[0]
+    filters = {k: v for k, v in selection_filters(shared.misp_event_filters, full_sync=False).items()
+               if k not in ("limit", "page")}
+    try:
+        sample = misp.search("attributes", "MISP decay scores", attributes_of_answer, limit=1000, page=1, to_ids=1,
+                              **{**filters, **tenants[0].decay_query})
+    except Misp2DefenderError as exc:
+        checks.error(exc)
+        return tenants
+    scored = sum(1 for a in sample if decay_score_of(a, model.id)[0] >= 0)
+    text = (f"MISP: decaying model {model.name!r} (id {model.id}) is enabled; it scores {scored} of "
+            f"{'the first ' if len(sample) == 1000 else ''}{len(sample)} selected attributes "
+            f"(threshold {decay_threshold(tenants[0]):g})")
+    if sample and not scored:
+        checks.warn(text, "the model applies to other attribute types: choose a model for the types you sync")
+    else:
+        checks.ok(text)
+    return tenants
 
 
 def check_sightings_key(checks: Checklist, shared: Settings, policy: RetryPolicy) -> None:

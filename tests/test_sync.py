@@ -253,14 +253,16 @@ def test_outputs_user_agent_event_log_parsed_indicators_and_summary(tool: Tool) 
     parsed = json.loads((tool.tmp / "misp2defender_indicators.json").read_text())
     imported = [item for c in tool.defender.calls("import") for item in c.body["Indicators"]]
     assert parsed == imported and len(parsed) == 36
-    summary = [line for line in result.stdout.splitlines() if line.startswith("misp2defender: ")]
-    assert summary == [
-        "misp2defender: 5 events, 80 attributes, 36 candidates (5 duplicates), rejected 15 [7 private or reserved "
-        "IP address (Defender takes external IPs only), 2 malformed FileMd5 hash (expected 32 hex digits), "
-        "2 Defender certificate indicators support only Allowed or BlockAndRemediate, not Audit, 1 CIDR ranges "
-        "are not supported by Defender, 1 empty or missing value, 1 malformed FileSha1 hash (expected 40 hex "
-        "digits), 1 not a valid IP address], created 36, updated 0, deleted 0, kept 0, left out 0, failed 0, "
-        "API calls 2, exit 0"]
+    [summary] = [line for line in result.stdout.splitlines() if line.startswith("misp2defender: ")]
+    # The counts add up: 80 attributes, one of them a domain|ip (two values): 81 values.
+    assert "5 events, 80 attributes (81 values: 36 candidates, 5 duplicates, rejected 15 [" in summary
+    assert "7 private or reserved IP address (Defender takes external IPs only)" in summary
+    assert "], skipped 25 [5 type text has no Defender indicator type, 3 to_ids turned off, " in summary
+    skipped = result.report["skipped_by_reason"]
+    assert sum(skipped.values()) == 25 and skipped["to_ids turned off"] == 3
+    counts = result.report["counts"]
+    assert counts["candidates"] + counts["duplicates"] + counts["rejected"] + counts["skipped"] == counts["values"]
+    assert summary.endswith("created 36, updated 0, deleted 0, kept 0, left out 0, failed 0, API calls 2, exit 0")
     quiet = tool.run(write_parsed_eventid=False)
     assert quiet.code == 0
     assert (tool.tmp / "misp2defender.log").read_text().count("MISP event 1201:") == 1
