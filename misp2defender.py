@@ -32,6 +32,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime as dt
+import difflib
 import email.utils
 import fcntl
 import functools
@@ -85,11 +86,14 @@ class Misp2DefenderError(Exception):
 
     exit_code = EXIT_CANNOT_PROCEED
     service = ""
+    fix = ""  # the fix for this very error, when the service's usual fix would not do
 
-    def __init__(self, message: str, service: str = "") -> None:
+    def __init__(self, message: str, service: str = "", fix: str = "") -> None:
         super().__init__(message)
         if service:
             self.service = service
+        if fix:
+            self.fix = fix
 
 
 class ConfigError(Misp2DefenderError):
@@ -240,6 +244,53 @@ class Deadline:
         return self.remaining() <= 0
 
 
+class Progress:
+    """One live line on a terminal, saying what the run is doing; never in logs, pipes or cron mail.
+
+    Off unless main() turns it on (stdout is a terminal, and not -q). Thread-safe: each tenant's
+    thread may report; the line shows the tenant's name.
+    """
+
+    def __init__(self) -> None:
+        self.stream: Any = None
+        self.lock = threading.Lock()
+        self.last = 0.0
+        self.width = 100
+
+    @property
+    def on(self) -> bool:
+        return self.stream is not None
+
+    def show(self, text: str, force: bool = False) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < 0.2:
+            return
+        tenant = TENANT.get()
+        line = f"[{tenant}] {text}" if tenant else text
+        with self.lock:
+            self.last = now
+            self.stream.write("\r\x1b[K" + line[:self.width])
+            self.stream.flush()
+
+    def wait(self, seconds: float, what: str, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Sleep, showing the time left (a quota wait of a minute should not look like a hang)."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.show(f"{what}: waiting {left:.0f} s", force=True)
+            sleep(min(left, 1.0))
+
+    def clear(self) -> None:
+        if self.stream is not None:
+            with self.lock:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+
+
+PROGRESS = Progress()
+
+
 # --- One retry policy for every client ---
 
 @dataclass
@@ -367,6 +418,12 @@ def peak_rss_mib() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def private_file(path: str | Path) -> None:
+    """Create a file readable by its owner only (if it is not there yet): logs and outputs name indicators."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def write_json(path: str | Path, document: Any, secrets: Iterable[str]) -> None:
@@ -559,6 +616,7 @@ OPTIONS: dict[str, Option] = {
     "misp_flatten_attributes": Option("misp_flatten_attributes", True, flag),
     # Logging and outputs
     "verbose_log": Option("verbose_log", True, flag),
+    "report_plan_limit": Option("report_plan_limit", 20000, integer(0)),
     "log_file": Option("log_file", "misp2defender.log", None),
     "log_json_file": Option("log_json_file", "", None),
     "dry_run": Option("dry_run", False, flag),
@@ -709,6 +767,7 @@ class Settings:
     include_tags: frozenset[str] = frozenset()
     exclude_tags: frozenset[str] = frozenset()
     max_parallel_tenants: int = 4
+    report_plan_limit: int = 20000
     misp_sightings: bool = False
     sightings_lookback_days: int = 7
     sightings_source: str = "Microsoft Defender for Endpoint"
@@ -771,20 +830,34 @@ def load_config_module(path: str | Path) -> dict[str, Any]:
     """Execute config.py and return its public names (no network, nothing else imported)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found: copy config.py.default to config.py "
-                          "and fill in your settings (or pass --config PATH)")
+        raise ConfigError(f"config file {path} not found",
+                          fix=f"copy config.py.default to {path} and fill in your settings (or pass --config PATH)")
     try:
         namespace = runpy.run_path(str(path), run_name="misp2defender_config")
-    except Exception as exc:  # a syntax error in the user's config is a config error
-        raise ConfigError(f"config file {path} could not be loaded: {type(exc).__name__}: {exc}") from None
+    except SyntaxError as exc:
+        raise ConfigError(f"config file {path} is not valid Python: {exc.msg} (line {exc.lineno})",
+                          fix=f"correct line {exc.lineno} of {path}: config.py is Python "
+                          "(quotes around text, commas between list items)") from None
+    except Exception as exc:  # the config ran and failed: a NameError, an import, ...
+        raise ConfigError(f"config file {path} could not be loaded: {type(exc).__name__}: {exc}",
+                          fix=f"correct {path}: it must only assign settings (see config.py.default)") from None
     return {name: value for name, value in namespace.items()
             if not name.startswith("_") and not callable(value) and not isinstance(value, type(os))}
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return f" did you mean {close[0]}?" if close else ""
 
 
 def _warn_if_short(name: str, secret: str, notes: list[str]) -> None:
     if secret and len(secret) < SHORT_SECRET:
         notes.append(f"config key {name} is shorter than {SHORT_SECRET} characters: it is redacted from output "
                      "only where it stands as a whole word; use the full secret")
+
+
+def beside_config(path: str, folder: Path | None) -> str:
+    return str(folder / path) if path and folder is not None and not Path(path).is_absolute() else path
 
 
 def check_writable(name: str, path: str) -> None:
@@ -877,7 +950,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     environ = os.environ if environ is None else environ
     notes: list[str] = []  # warnings, logged once logging is set up (Settings.notes)
     for key in sorted(set(raw) - set(OPTIONS)):
-        notes.append(f"config key {key} is not a misp2defender setting (a typo?); it is ignored")
+        notes.append(f"config key {key} is not a misp2defender setting (a typo?{did_you_mean(key, OPTIONS)}); "
+                     "it is ignored")
     cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in OPTIONS}}
     fields: dict[str, Any] = {}
     for key, option in OPTIONS.items():
@@ -888,7 +962,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
 
     auth = _expect("graph_auth", cfg["graph_auth"], dict, "a dict")
     for key in sorted(set(auth) - set(GRAPH_AUTH_KEYS)):
-        notes.append(f"config key graph_auth['{key}'] is not known (a typo?); it is ignored")
+        notes.append(f"config key graph_auth['{key}'] is not known (a typo?{did_you_mean(key, GRAPH_AUTH_KEYS)}); "
+                     "it is ignored")
     auth_values = {key: _expect(f"graph_auth['{key}']", auth.get(key) or "", str, "a string").strip()
                    for key in GRAPH_AUTH_KEYS if key != "managed_identity"}
     vault_url, vault_names = key_vault_settings(cfg)
@@ -956,10 +1031,13 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
                           "is True (or set MISP2DEFENDER_OTX_KEY)")
 
     fields["decay_model"], fields["decay_threshold"] = decay_settings(cfg["decay_model"], cfg["decay_threshold"])
-    log_file = text("log_file", cfg["log_file"])
-    lock_file = text("lock_file", cfg["lock_file"]) or str(
-        Path(log_file or "misp2defender.log").with_name("misp2defender.lock"))
-    log_json_file = text("log_json_file", cfg["log_json_file"])
+    # Files the run writes: a relative path is taken from the config file's directory (not cron's
+    # working directory), so that every file lands beside config.py wherever the run starts.
+    beside = Path(config_path).resolve().parent if config_path else None
+    log_file = beside_config(text("log_file", cfg["log_file"]), beside)
+    lock_file = beside_config(text("lock_file", cfg["lock_file"]), beside) or str(
+        Path(log_file or beside_config("misp2defender.log", beside)).with_name("misp2defender.lock"))
+    log_json_file = beside_config(text("log_json_file", cfg["log_json_file"]), beside)
     for key, path in (("log_file", log_file), ("lock_file", lock_file), ("log_json_file", log_json_file)):
         check_writable(f"config key {key}", path)
     for key, secret in (("misp_key", misp_key), ("otx_alienvault_api", otx_key),
@@ -1013,8 +1091,8 @@ def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = No
         names.add(name)
         unknown = sorted(set(entry) - TENANT_KEYS)
         if unknown:
-            raise ConfigError(f"tenant {name!r}: key {unknown[0]!r} cannot be set per tenant (a typo, or a "
-                              "setting shared by every tenant)")
+            raise ConfigError(f"tenant {name!r}: key {unknown[0]!r} cannot be set per tenant (a typo"
+                              f"{did_you_mean(unknown[0], TENANT_KEYS)}, or a setting shared by every tenant)")
         auth = entry.get("graph_auth", {})
         if not isinstance(auth, dict):
             raise ConfigError(f"tenant {name!r}: config key graph_auth must be a dict, not {type(auth).__name__}")
@@ -1306,6 +1384,8 @@ class MispSource:
             except Misp2DefenderError as exc:
                 status.fail(str(exc))
                 return
+            log.debug("MISP events page %d: %d events", page, len(events))
+            PROGRESS.show(f"MISP: page {page} read")
             for event in events:
                 status.events += 1
                 yield event
@@ -2212,8 +2292,12 @@ class SelectionReader:
             elif target.desired is not None:
                 target.desired.rebound(*given)
 
+        mapped = itertools.count(1)
+
         def bounded(events: Iterable[dict]) -> Iterator[dict]:
             for event in events:
+                if PROGRESS.on:
+                    PROGRESS.show(f"MISP: {next(mapped)} events read and mapped")
                 for index, target in enumerate(targets):
                     if target.desired is not None and target.desired.interesting is None and (
                             bounds[index].done() or len(target.desired.candidates) > UNBOUNDED_LIMIT):
@@ -2441,7 +2525,10 @@ class RateLimiter:
                     self.check(wait)
                 log.info("Defender %s quota: waiting %.1f s", self.name, wait)
                 self.waited += wait
-                self.sleep(wait)
+                if PROGRESS.on:
+                    PROGRESS.wait(wait, f"Defender {self.name} quota", self.sleep)
+                else:
+                    self.sleep(wait)
             for sent in self.sent:
                 sent.append(now)
 
@@ -3205,7 +3292,8 @@ def _apply_cap(result: Plan, desired: Desired, settings: Settings) -> None:
     free = max(free - len(replacements), 0)
     result.creates = replacements + new[:free]
     result.waiting = new[free:]
-    result.evicted, result.evicted_sample = desired.evicted, list(desired.evicted_sample)
+    result.evicted = desired.evicted
+    result.evicted_sample = sorted(desired.evicted_sample, key=cap_priority, reverse=True)
 
 
 def _guard_deletes(result: Plan, settings: Settings, *, read_complete: bool, force: bool) -> None:
@@ -3281,6 +3369,8 @@ class Report:
     otx_errors: int = 0
     helper_peak_rss_mib: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)  # plan_items(): what the plan would do, item by item
+    error: Misp2DefenderError | None = field(default=None, repr=False)  # the fatal one, for its fix
     sightings: SightingCounts | None = None  # None: the sightings pass did not run
     sightings_error: str = ""
     tenants: dict[str, Report] = field(default_factory=dict)
@@ -3381,6 +3471,7 @@ class Report:
         self.rejected_items = desired.rejected_items
 
     def record_plan(self, the_plan: Plan, settings: Settings) -> None:
+        self.plan = plan_items(the_plan, settings.report_plan_limit)
         self.kept, self.left_out = sum(the_plan.keeps.values()), the_plan.left_out_count
         self.kept_by_reason = Counter(the_plan.keeps)
         self.left_out_items = [{"type": c.indicator_type, "value": c.value, "severity": c.severity,
@@ -3422,6 +3513,7 @@ class Report:
             "failed": self.failed, "rejected_items": self.rejected_items, "left_out_items": self.left_out_items,
             "misp_error": self.misp_error, "deletes_withheld": self.deletes_withheld, "fatal": self.fatal,
             "otx_errors": self.otx_errors, "phase_seconds": self.phases,
+            "plan": self.plan,
             "sightings": dataclasses.asdict(self.sightings) if self.sightings is not None else None,
             "sightings_error": self.sightings_error,
             "api": {name: dataclasses.asdict(s) for name, s in self.api.items()},
@@ -3438,7 +3530,10 @@ def apply_plan(the_plan: Plan, client: DefenderClient, settings: Settings, repor
     _delete(the_plan.deletes + the_plan.replaced_first, client, report, deadline)
     landed_replacements: set[str] = set()
     updates = {id(change) for change in the_plan.updates}
-    for batch in chunks(the_plan.writes, settings.max_indicators_per_query):
+    writes, sent = the_plan.writes, 0
+    for batch in chunks(writes, settings.max_indicators_per_query):
+        PROGRESS.show(f"Defender: {sent} of {len(writes)} indicators written", force=True)
+        sent += len(batch)
         items = [indicator_json(change.candidate, settings) for change in batch]
         try:
             if deadline.passed:
@@ -3450,6 +3545,7 @@ def apply_plan(the_plan: Plan, client: DefenderClient, settings: Settings, repor
                                   "reason": str(exc)} for c in batch)
             log.error("%s; %d indicators not written (the next run retries them)", exc, len(batch))
             continue
+        log.debug("import batch of %d sent (%d of %d)", len(batch), sent, len(writes))
         by_value = {str(r.get("indicator", "")).lower(): r for r in results if isinstance(r, dict)}
         for position, change in enumerate(batch):
             result = results[position] if position < len(results) and isinstance(results[position], dict) else None
@@ -3492,25 +3588,22 @@ def _delete(deletions: list[Deletion], client: DefenderClient, report: Report, d
             log.error("%s", exc)
 
 
-def format_plan(the_plan: Plan, limit: int = 200) -> str:
-    """The plan as a person reads it (the dry run prints this)."""
+def format_plan(the_plan: Plan, report_limit: int, limit: int = 200) -> str:
+    """The plan as a person reads it (the dry run prints this); its counts are the report's."""
     counts = the_plan.summary()
     lines = [f"Plan: {counts['create']} to create, {counts['update']} to update, {counts['delete']} to delete, "
              f"{counts['keep']} kept, {counts['left_out']} left out (Defender holds {the_plan.owned} of ours "
              f"and {the_plan.foreign} of others; room for {the_plan.room})"]
 
-    def section(title: str, rows: list[str]) -> None:
-        if not rows:
+    def section(title: str, rows: list[str], total: int | None = None) -> None:
+        total = len(rows) if total is None else total
+        if not total:
             return
-        lines.append(f"{title} ({len(rows)}):")
+        lines.append(f"{title} ({total}):")
         lines.extend(f"  {row}" for row in rows[:limit])
-        if len(rows) > limit:
-            lines.append(f"  ... and {len(rows) - limit} more (use --report FILE for all)")
-
-    def describe(c: Candidate) -> str:
-        score = f", score {c.score:.1f}" if c.score >= 0 else ""
-        return (f"{c.indicator_type} {c.value} [{c.action}, {c.severity}{score}, expires "
-                f"{format_time(c.expiration) or 'never'}] event {c.event_id}")
+        if total > limit:
+            more = "for all" if report_limit >= total else f"for the first {report_limit} (report_plan_limit)"
+            lines.append(f"  ... and {total - limit} more (use --report FILE {more})")
 
     section("+ create", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.creates])
     section("~ update", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.updates])
@@ -3518,10 +3611,37 @@ def format_plan(the_plan: Plan, limit: int = 200) -> str:
                          for d in the_plan.deletes + the_plan.replaced])
     section("- delete first, no room to replace in place", [f"{d.indicator_type} {d.value} (id {d.id}) — {d.reason}"
                                                             for d in the_plan.replaced_first])
-    section("! left out (tenant cap)", [describe(c) for c in the_plan.left_out])
+    section("! left out (tenant cap), best first", [describe(c) for c in the_plan.left_out], the_plan.left_out_count)
     if the_plan.deletes_withheld:
         lines.append(f"! deletes withheld: {the_plan.deletes_withheld}")
     return "\n".join(lines)
+
+
+def describe(c: Candidate) -> str:
+    score = f", score {c.score:.1f}" if c.score >= 0 else ""
+    return (f"{c.indicator_type} {c.value} [{c.action}, {c.severity}{score}, expires "
+            f"{format_time(c.expiration) or 'never'}] event {c.event_id}")
+
+
+def plan_items(the_plan: Plan, limit: int) -> dict[str, Any]:
+    """The plan for --report: every create, update, delete and left-out value (up to ``limit`` each)."""
+    def candidate(c: Candidate) -> dict[str, Any]:
+        return {"type": c.indicator_type, "value": c.value, "action": c.action, "severity": c.severity,
+                "expires": format_time(c.expiration), "event_id": c.event_id, "event_uuid": c.event_uuid,
+                **({"score": round(c.score, 2)} if c.score >= 0 else {})}
+
+    def deletion(d: Deletion) -> dict[str, Any]:
+        return {"id": d.id, "type": d.indicator_type, "value": d.value, "reason": d.reason}
+
+    lists = {"create": [{**candidate(c.candidate), "reason": c.reason, **({"replaces": c.replaces} if c.replaces
+                                                                          else {})} for c in the_plan.creates],
+             "update": [{**candidate(c.candidate), "changed": c.reason} for c in the_plan.updates],
+             "delete": [deletion(d) for d in the_plan.deletes + the_plan.replaced + the_plan.replaced_first],
+             "left_out": [{**candidate(c), "priority": n} for n, c in enumerate(the_plan.left_out, start=1)]}
+    counts = {**{name: len(items) for name, items in lists.items()}, "left_out": the_plan.left_out_count}
+    return {"counts": counts, "truncated": any(len(items) > limit for items in lists.values())
+            or the_plan.left_out_count > len(lists["left_out"]),
+            **{name: items[:limit] for name, items in lists.items()}}
 
 
 # ###########################################################################################
@@ -3728,9 +3848,11 @@ def setup_logging(settings: Settings | None, verbosity: int, secrets: list[str] 
     fmt = "%(asctime)s %(levelname)s %(name)s: %(tenant)s%(message)s"
     handlers: list[logging.Handler] = []
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
+    console.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
+    console.addFilter(lambda record: getattr(record, "console", True))  # file-only records (errors said once)
     handlers.append(console)
     if settings and settings.log_file:
+        private_file(settings.log_file)  # the log names indicators: owner-only
         file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
         file_handler.setLevel(logging.DEBUG if settings.verbose_log else logging.INFO)
         handlers.append(file_handler)
@@ -3752,6 +3874,7 @@ class RunLock:
         self.handle: Any = None
 
     def __enter__(self) -> RunLock:
+        private_file(self.path)
         self.handle = open(self.path, "a+")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3776,6 +3899,7 @@ class JsonLog:
     """log_json_file: one JSON document per Defender response, secrets and tokens redacted."""
 
     def __init__(self, path: str, secrets: list[str]):
+        private_file(path)
         self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
         self.secrets = secrets
         self.lock = threading.Lock()
@@ -3814,6 +3938,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sightings-only", action="store_true",
                         help="only turn Defender alerts into MISP sightings (misp_sightings), no sync")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output on stderr (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     parser.add_argument("--version", action="version", version=f"misp2defender {__version__}")
     return parser.parse_args(argv)
 
@@ -3961,11 +4086,11 @@ def in_tenant(tenant_run: TenantRun, step: Callable[..., T], *args: Any) -> T | 
     try:
         return step(*args)
     except Misp2DefenderError as exc:
-        tenant_run.fail(str(exc), exc.exit_code)
-        log.error("%s", exc)
+        tenant_run.fail(str(exc), exc.exit_code, exc)
+        log.error("%s", exc, extra={"console": False})  # the summary (or the error line) says it once
     except Exception as exc:  # a bug or an unforeseen answer: this tenant stops, the others go on
         tenant_run.fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_INCOMPLETE)
-        log.exception("unexpected error; the next run starts again from MISP and Defender")
+        log.exception("unexpected error; the next run starts again from MISP and Defender", extra={"console": False})
     finally:
         TENANT.reset(token)
     return None
@@ -3985,8 +4110,8 @@ class TenantRun:
     status: MispReadStatus = field(default_factory=MispReadStatus)
     plan_text: str = ""
 
-    def fail(self, message: str, exit_code: int) -> None:
-        self.report.fatal, self.report.fatal_code = message, exit_code
+    def fail(self, message: str, exit_code: int, error: Misp2DefenderError | None = None) -> None:
+        self.report.fatal, self.report.fatal_code, self.report.error = message, exit_code, error
 
     def prepare(self) -> Bounds:
         """Token and listing: what bounds this tenant's share of the MISP read."""
@@ -4034,7 +4159,7 @@ class TenantRun:
         if s.write_parsed_indicators:
             write_json(parsed_indicators_path(s), [indicator_json(c.candidate, s) for c in the_plan.writes],
                        s.secrets)
-        self.plan_text = format_plan(the_plan)
+        self.plan_text = format_plan(the_plan, s.report_plan_limit)
         if dry_run:
             return
         log.info("%s", self.plan_text)
@@ -4102,6 +4227,7 @@ def list_existing(client: DefenderClient | None, settings: Settings, report: Rep
             log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
         return []
     with report.phase("defender_list"):
+        PROGRESS.show("Defender: listing the indicators it holds", force=True)
         now, owner = time.time(), client.tokens.owner()
         return [e for e in (existing_from_api(i, owner, settings.application, now)
                             for i in client.list_indicators()) if e is not None]
@@ -4214,6 +4340,8 @@ SERVICE_NAMES = {"misp": "MISP", "entra": "Entra", "defender": "Defender", "otx"
 
 def fix_for(exc: Misp2DefenderError) -> str:
     """The fix for an error, chosen by its type and the service at fault (never by its words)."""
+    if exc.fix:
+        return exc.fix
     service = exc.service or "config"
     if isinstance(exc, CertificateError):
         return FIXES["certificate"]
@@ -4446,6 +4574,7 @@ def main(argv: list[str] | None = None) -> int:
     tenants: list[Settings] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    error: Misp2DefenderError | None = None
     try:
         raw = load_config_module(args.config)
         tenants = build_tenants(raw, config_path=args.config, dry_run=args.dry_run, only=args.tenant)
@@ -4455,7 +4584,11 @@ def main(argv: list[str] | None = None) -> int:
             check_writable("--report", args.report)
         shared = tenants[0]
         deadline = Deadline(shared.max_run_seconds)
-        handlers = setup_logging(shared, args.verbose, report.secrets)
+        handlers = setup_logging(shared, -1 if args.quiet else args.verbose, report.secrets)
+        if sys.stdout.isatty() and not args.quiet:
+            PROGRESS.stream = sys.stdout
+        log.info("misp2defender %s: %s run with %s%s", __version__, run_mode(args, shared), args.config,
+                 f" for tenants {', '.join(t.name for t in tenants)}" if shared.name else "")
         for note in dict.fromkeys(note for t in tenants for note in t.notes):
             log.warning("%s", note)
         warn_if_config_exposes_secrets(args.config, raw)
@@ -4467,36 +4600,61 @@ def main(argv: list[str] | None = None) -> int:
             with RunLock(shared.lock_file) as lock:
                 run(tenants, args, report, deadline, close_in_helper=[lock.handle.fileno()])
     except Misp2DefenderError as exc:
+        error = exc
         report.fatal, report.fatal_code = str(exc), exc.exit_code
-        if not handlers:
-            handlers = setup_logging(tenants[0] if tenants else None, args.verbose, report.secrets)
-        log.error("%s", exc)
     except (KeyboardInterrupt, Terminated) as exc:
         report.fatal, report.fatal_code = f"interrupted ({exc or 'Ctrl-C'})", EXIT_INCOMPLETE
     except Exception as exc:  # a bug or an unforeseen answer: say so, redacted, and let cron see it
         report.fatal, report.fatal_code = f"unexpected {type(exc).__name__}: {exc}", EXIT_INCOMPLETE
         if not handlers:
             handlers = setup_logging(tenants[0] if tenants else None, args.verbose, report.secrets)
-        log.exception("unexpected error; the next run starts again from MISP and Defender")
+        log.exception("unexpected error; the next run starts again from MISP and Defender",
+                      extra={CONSOLE: False})
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+        PROGRESS.clear()
+        PROGRESS.stream = None
         report.finished = time.time()
-        secrets = report.secrets
-        if report.fatal:
-            print(redact(f"misp2defender: error: {report.fatal}", secrets), file=sys.stderr)
-        for line in report.summary_lines():
+        finish(args, report, error, handlers)
+    return report.exit_code
+
+
+CONSOLE = "console"  # a log record with extra={CONSOLE: False} goes to the log file only
+
+
+def finish(args: argparse.Namespace, report: Report, error: Misp2DefenderError | None,
+           handlers: list[logging.Handler]) -> None:
+    """The error once (with its fix), the summary, the log's end line, the report; handlers removed."""
+    secrets = report.secrets
+    if report.fatal:
+        error = error or report.error
+        fix = fix_for(error) if error is not None else ("the traceback is in the log file"
+                                                        if report.fatal.startswith("unexpected") else "")
+        print(redact(f"misp2defender: error: {report.fatal}" + (f"\n  fix: {fix}" if fix else ""), secrets),
+              file=sys.stderr)
+        if handlers:  # (without them, logging's last resort would print it a second time)
+            log.error("%s", report.fatal, extra={CONSOLE: False})
+    if not (report.fatal and not report.events and not report.wrote and not report.tenants):
+        for line in report.summary_lines():  # (nothing to sum up when the run stopped before reading)
             print(redact(line, secrets))
             log.info("%s", line)
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and not args.quiet:
             print(redact(report.table(), secrets))
-        if args.report:
-            with contextlib.suppress(OSError, ConfigError):
-                write_json(args.report, report.as_dict(), secrets)
-        for handler in handlers:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-    return report.exit_code
+    log.info("misp2defender finished in %.1f s: exit %d", report.finished - report.started, report.exit_code)
+    if args.report:
+        with contextlib.suppress(OSError, ConfigError):
+            write_json(args.report, report.as_dict(), secrets)
+    for handler in handlers:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def run_mode(args: argparse.Namespace, shared: Settings) -> str:
+    modes = [name for name, on in (("check", args.check), ("dry", args.dry_run or shared.dry_run),
+                                   ("full-sync", args.full_sync), ("event", bool(args.event)),
+                                   ("sightings-only", args.sightings_only)) if on]
+    return "+".join(modes) or "incremental"
 
 
 def check_arguments(args: argparse.Namespace, shared: Settings) -> None:

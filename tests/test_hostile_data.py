@@ -59,7 +59,12 @@ def test_hostile_events_never_crash_and_every_attribute_is_accounted_for(events:
                 if result.kind in ("rejected", "skipped"):
                     assert result.reason
     assert sum(desired.rejected.values()) == kinds["rejected"]
-    assert sum(desired.skipped.values()) == kinds["skipped"]
+    assert sum(desired.skipped.values()) == kinds["skipped"] + kinds["retraction"]  # a retraction is skipped too
+    # The counts add up: every value mapping made is a candidate, a duplicate, rejected or skipped.
+    values = sum(kinds.values())
+    assert desired.values == values >= desired.attributes
+    assert desired.distinct + desired.duplicates + sum(desired.rejected.values()) + sum(desired.skipped.values()) \
+        == values
     assert len(desired.candidates) + desired.duplicates == kinds["candidate"]
     assert len(desired.retractions) <= kinds["retraction"]
     for candidate in desired.candidates.values():

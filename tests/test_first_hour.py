@@ -1,0 +1,176 @@
+"""A first hour without surprises (issue 14): --check in stages, counts that add up, the plan in the
+report, progress on a terminal only, one clear error, the sandbox leaving its work, a licence."""
+
+from __future__ import annotations
+
+import os
+import pty
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.harness import TEST_FILTERS, Tool
+from tests.util import ROOT
+
+
+def run_in_terminal(tool: Tool, *args: str) -> tuple[int, str]:
+    """The script under a pseudo-terminal, as an admin runs it by hand: (exit code, what the terminal showed)."""
+    leader, follower = pty.openpty()
+    child = subprocess.Popen([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(tool.config()), *args],
+                             stdout=follower, stderr=subprocess.DEVNULL, cwd=tool.tmp, env=dict(os.environ))
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the child exits
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    return child.wait(timeout=60), output.decode(errors="replace")
+
+
+# --- 1. --check in stages ------------------------------------------------------------------------
+
+def test_check_with_only_misp_configured_checks_misp_and_says_what_entra_needs(tool: Tool) -> None:
+    result = tool.run("--check", graph_auth={})
+    assert result.code == 2
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("  ✓ config:")
+    assert any(line.startswith("  ✓ MISP:") and "answers" in line for line in lines)
+    assert "  ✓ MISP: 5 events match misp_event_filters" in lines
+    [entra] = [line for line in lines if line.startswith("  ✗ Entra:")]
+    assert "graph_auth['tenant'], graph_auth['client_id'], graph_auth['client_secret']" in entra
+    assert "fix: check graph_auth" in result.stdout
+    assert tool.entra.calls() == [] and tool.defender.calls() == []
+
+
+def test_no_matching_event_is_a_warning_with_its_likely_causes(tool: Tool) -> None:
+    result = tool.run("--check", misp_event_filters={**TEST_FILTERS, "tags": ["a-tag-nobody-uses"]})
+    assert result.code == 0  # a warning, not a failure
+    assert "  ⚠ MISP: no event matches misp_event_filters" in result.stdout
+    assert "the tags filter" in result.stdout and "publish_timestamp" in result.stdout
+
+
+def test_check_warns_about_a_likely_typo_with_the_key_it_meant(tool: Tool) -> None:
+    result = tool.run("--check", defender_actoin="Block")
+    assert "⚠ config: config key defender_actoin is not a misp2defender setting (a typo? did you mean " \
+           "defender_action?)" in result.stdout
+    run = tool.run(defender_actoin="Block")
+    assert "did you mean defender_action?" in run.stderr
+
+
+# --- 2. and 3. Counts that add up, and the plan in the report --------------------------------------
+
+def test_the_reports_plan_matches_the_printed_counts_and_what_defender_received(tool: Tool) -> None:
+    tool.defender.seed([{"indicatorType": "DomainName", "indicatorValue": "gone.example-ours.top", "action": "Audit",
+                         "title": "t", "description": "d", "generateAlert": True}],
+                       created_by=tool.defaults["graph_auth"]["client_id"], application="MISP")
+    result = tool.run("--full-sync", defender_max_indicators=30, remove_guard_percent=100)
+    plan = result.report["plan"]
+    assert plan["counts"] == {"create": 30, "update": 0, "delete": 1, "left_out": 6}  # the delete freed a slot
+    imported = [(i["indicatorType"], i["indicatorValue"]) for c in tool.defender.calls("import")
+                for i in c.body["Indicators"]]
+    assert sorted(imported) == sorted((item["type"], item["value"]) for item in plan["create"])
+    deleted = [i for c in tool.defender.calls("batch_delete") for i in c.body["IndicatorIds"]]
+    assert [item["id"] for item in plan["delete"]] == deleted
+    assert [item["priority"] for item in plan["left_out"]] == list(range(1, 7))
+    log = (tool.tmp / "misp2defender.log").read_text()
+    assert "Plan: 30 to create, 0 to update, 1 to delete, 0 kept, 6 left out" in log
+    assert "! left out (tenant cap), best first (6):" in log
+    counts = result.report["counts"]
+    assert counts["candidates"] + counts["duplicates"] + counts["rejected"] + counts["skipped"] == counts["values"]
+
+
+def test_the_report_keeps_the_counts_exact_when_it_lists_only_some(tool: Tool) -> None:
+    result = tool.run("--dry-run", report_plan_limit=5)
+    plan = result.report["plan"]
+    assert plan["counts"]["create"] == 36 and len(plan["create"]) == 5 and plan["truncated"] is True
+
+
+# --- 4. Progress on a terminal, never in a pipe ---------------------------------------------------
+
+def test_progress_shows_on_a_terminal_and_never_in_a_pipe(tool: Tool) -> None:
+    code, shown = run_in_terminal(tool)
+    assert code == 0
+    assert "\r\x1b[KMISP: page 1 read" in shown and "Defender: listing the indicators it holds" in shown
+    assert "Defender: 0 of 36 indicators written" in shown
+    piped = tool.run()
+    assert "\r" not in piped.stdout and "\x1b[K" not in piped.stdout and "\r" not in piped.stderr
+    log = (tool.tmp / "misp2defender.log").read_text()
+    assert "\x1b[K" not in log
+
+
+def test_quiet_prints_only_errors_and_the_summary(tool: Tool) -> None:
+    result = tool.run("-q", defender_actoin="Block")
+    assert result.stderr == ""  # the typo warning is a warning: -q keeps it in the log only
+    assert result.stdout.count("\n") == 1 and result.stdout.startswith("misp2defender: 5 events")
+    code, shown = run_in_terminal(tool, "-q")
+    assert code == 0 and "\x1b[K" not in shown
+
+
+# --- 5. One clear error ------------------------------------------------------------------------------
+
+def test_a_fatal_error_is_printed_once_with_the_fix_for_its_kind(tool: Tool) -> None:
+    bad = tool.run(graph_auth={**tool.defaults["graph_auth"], "client_secret": "not-the-secret"})
+    assert bad.code == 2
+    assert bad.stderr.count("Entra rejected the client secret") == 1
+    [error] = [line for line in bad.stderr.splitlines() if line.startswith("misp2defender: error:")]
+    assert error.startswith("misp2defender: error: Entra rejected the client secret")
+    assert "  fix: check graph_auth" in bad.stderr
+    assert bad.stdout == ""  # no all-zero summary after a run that never started
+    log = (tool.tmp / "misp2defender.log").read_text()
+    assert "Entra rejected the client secret" in log and "misp2defender 1.0.0: incremental run with" in log
+    assert "misp2defender finished in" in log
+
+
+def test_a_missing_config_and_a_syntax_error_get_their_own_fixes(tool: Tool) -> None:
+    from tests.util import m2d
+
+    missing = subprocess.run([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(tool.tmp / "nope.py")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 2
+    assert "fix: copy config.py.default to" in missing.stderr
+    broken = tool.tmp / "broken.py"
+    broken.write_text("misp_domain = 'https://misp.example/'\nmisp_key = 'abc\n")
+    code = m2d.main(["--config", str(broken)])
+    assert code == 2
+    result = subprocess.run([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(broken)],
+                            capture_output=True, text=True, timeout=60)
+    assert "is not valid Python" in result.stderr and "fix: correct line 2 of" in result.stderr
+
+
+def test_files_land_beside_the_config_and_are_private(tool: Tool, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "cron-cwd"
+    elsewhere.mkdir()
+    config = tool.config(log_file="misp2defender.log", log_json_file="defender.jsonl")
+    done = subprocess.run([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(config)],
+                          cwd=elsewhere, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert list(elsewhere.iterdir()) == []  # nothing in cron's working directory
+    for name in ("misp2defender.log", "defender.jsonl", "misp2defender_indicators.json", "misp2defender.lock"):
+        path = config.parent / name
+        assert path.is_file(), name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+# --- 6. and 7. The sandbox leaves its work; a licence ---------------------------------------------------
+
+def test_the_sandbox_keeps_its_files_when_asked(tmp_path: Path) -> None:
+    keep = tmp_path / "sandbox"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MISP2DEFENDER_")}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "sandbox.py"), "--keep", str(keep)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("config.py", "misp2defender.log", "report.json", "misp2defender_indicators.json"):
+        assert (keep / name).is_file(), name
+    assert f"config:  {keep / 'config.py'}" in done.stdout
+
+
+def test_there_is_a_licence() -> None:
+    licence = (ROOT / "LICENSE").read_text()
+    assert "BSD 2-Clause" in licence or "Redistribution and use in source and binary forms" in licence
+    assert "BSD 2-Clause" in (ROOT / "README.md").read_text()
