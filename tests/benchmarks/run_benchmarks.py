@@ -11,6 +11,10 @@ Figures (targets from issue 6, on a 2-core machine):
               ceil(deletes/500), listings = the minimum for the listed count, 0 writes when idle
   quota       15,000 new indicators against Defender's real import quota (30/min): ≤ 65 s, 0 HTTP 429
   otx         2,000 OTX lookups at 50 ms latency: ≤ 10 s
+  tenants-quota   three tenants × 15,000 new indicators under each tenant's real import quota:
+              ≤ 1.3 × the time one tenant alone takes in the same benchmark, 0 HTTP 429, 45,000 landed
+  tenants-plan    three tenants sharing one selection of 200,000 attributes (dry run): MISP pages
+              read once; ≤ 1.5 × the single-tenant dry run's time and peak RSS (best of three each)
 
 The tool runs as a child process (peak RSS is its own, read from inside the tool); the stand-ins
 run in this process. Everything stays on 127.0.0.1.
@@ -61,6 +65,7 @@ class Bench:
         self.work, self.pki, self.entra, self.defender, self.misp = work, pki, entra, defender, misp
 
     def run(self, *args: str, time_scale: float = 1.0, **config: Any) -> tuple[int, float, dict]:
+        """Run the tool in a child process with the stand-ins' config plus ``config``."""
         values = {
             "graph_auth": {"tenant": TEST_TENANT, "client_id": TEST_CLIENT_ID, "client_secret": TEST_CLIENT_SECRET,
                            "authority": self.entra.url},
@@ -159,20 +164,83 @@ def api_benchmark() -> bool:
 
 
 def quota_benchmark() -> bool:
-    events = []
-    for start in range(0, 15_000, 500):
-        events.append({"Event": {"uuid": f"40000000-0000-4000-8000-{start:012d}", "info": f"bulk {start}",
-                                 "published": True, "Tag": [{"name": 'workflow:state="complete"'}],
-                                 "Attribute": [{"type": "sha256", "category": "Payload delivery", "to_ids": True,
-                                                "uuid": f"50000000-0000-4000-8000-{n:012d}",
-                                                "value": f"{n:064x}"} for n in range(start, start + 500)]}})
-    with bench(events) as b:
+    with bench(bulk_events(15_000)) as b:
         code, elapsed, report = b.run(max_indicators_per_query=500, quota_requests=30)
         throttled = len(b.defender.calls(status=429))
         landed = len(b.defender.active())
     ok = row("15,000 new indicators, real import quota", f"{elapsed:.1f} s, {landed:,} landed", "≤ 65 s",
              elapsed <= 65 and landed == 15_000)
     return ok & row("HTTP 429 answers during that run", str(throttled), "0", throttled == 0)
+
+
+def tenant_stand_ins(stack: contextlib.ExitStack, pki: PKI, count: int, time_scale: float = 1.0
+                     ) -> list[tuple[EntraStandIn, DefenderStandIn]]:
+    """One Entra directory and one Defender per tenant, each with its own quotas."""
+    found = []
+    for number in range(count):
+        entra = stack.enter_context(serving(EntraStandIn(pki, tenant=f"{number + 1}0000000-1111-4222-8333-"
+                                                                     "444444444444",
+                                                         clients={TEST_CLIENT_ID: TEST_CLIENT_SECRET})))
+        found.append((entra, stack.enter_context(serving(DefenderStandIn(pki, entra, time_scale=time_scale)))))
+    return found
+
+
+def tenant_entries(stand_ins: list[tuple[EntraStandIn, DefenderStandIn]]) -> list[dict]:
+    return [{"name": f"customer{n}", "graph_auth": {"tenant": entra.tenant, "authority": entra.url},
+             "defender_api_url": defender.url} for n, (entra, defender) in enumerate(stand_ins, start=1)]
+
+
+def tenants_quota_benchmark() -> bool:
+    events = bulk_events(15_000)
+    with bench(events) as b, contextlib.ExitStack() as stack:
+        one = tenant_stand_ins(stack, b.pki, 1)
+        _, alone, _ = b.run(max_indicators_per_query=500, quota_requests=30, tenants=tenant_entries(one))
+        three = tenant_stand_ins(stack, b.pki, 3)
+        code, together, report = b.run(max_indicators_per_query=500, quota_requests=30,
+                                       tenants=tenant_entries(three))
+        landed = sum(len(defender.active()) for _, defender in three)
+        throttled = sum(len(defender.calls(status=429)) for _, defender in three)
+    ok = row("3 tenants × 15,000 new indicators", f"{together:.1f} s (one alone {alone:.1f} s)",
+             f"≤ {1.3 * alone:.1f} s", together <= 1.3 * alone)
+    ok &= row("indicators landed in the three tenants", f"{landed:,}", "45,000", landed == 45_000)
+    return ok & row("HTTP 429 answers during that run", str(throttled), "0", throttled == 0)
+
+
+def tenants_plan_benchmark() -> bool:
+    corpus = SyntheticCorpus(2_000, 100, seed=7)
+    seeded = owned_from_corpus(corpus, 10_000)
+    with bench(corpus) as b, contextlib.ExitStack() as stack:
+        stand_ins = tenant_stand_ins(stack, b.pki, 3)
+        for _, defender in stand_ins:
+            defender.seed(seeded, created_by=TEST_CLIENT_ID, application="MISP")
+        b.run("--dry-run", misp_event_limit_per_page=100, tenants=tenant_entries(stand_ins[:1]))  # warm the cache
+        # Best of three of each: the stand-ins share these two cores with the tool, and they do three
+        # tenants' worth of work too (listing 10,000 indicators each), so one run alone is noisy.
+        alone, single = min((b.run("--dry-run", misp_event_limit_per_page=100,
+                                   tenants=tenant_entries(stand_ins[:1]))[1:] for _ in range(3)), key=lambda r: r[0])
+        pages_before = len(b.misp.calls("events"))
+        _, together, report = b.run("--dry-run", misp_event_limit_per_page=100, tenants=tenant_entries(stand_ins))
+        pages = [c.body.get("page") for c in b.misp.calls("events")[pages_before:] if c.body.get("published")]
+        together = min([together, *(b.run("--dry-run", misp_event_limit_per_page=100,
+                                           tenants=tenant_entries(stand_ins))[1] for _ in range(2))])
+    label = f"dry run, 3 tenants, {corpus.total_attributes:,} attributes"
+    ok = row(label + " wall", f"{together:.1f} s (one {alone:.1f} s)", f"≤ {1.5 * alone:.1f} s",
+             together <= 1.5 * alone)
+    ok &= row(label + " peak RSS", f"{report['peak_rss_mib']:.0f} MiB (one {single['peak_rss_mib']:.0f})",
+              f"≤ {1.5 * single['peak_rss_mib']:.0f} MiB", report["peak_rss_mib"] <= 1.5 * single["peak_rss_mib"])
+    repeated = len(pages) - len(set(pages))
+    ok &= row("MISP pages fetched more than once", str(repeated), "0", repeated == 0)
+    print(f"    (seconds by phase {report['phase_seconds']})")
+    return ok
+
+
+def bulk_events(count: int) -> list[dict]:
+    """``count`` distinct sha256 values, 500 to an event."""
+    return [{"Event": {"uuid": f"40000000-0000-4000-8000-{start:012d}", "info": f"bulk {start}", "published": True,
+                       "Tag": [{"name": 'workflow:state="complete"'}],
+                       "Attribute": [{"type": "sha256", "category": "Payload delivery", "to_ids": True,
+                                      "uuid": f"50000000-0000-4000-8000-{n:012d}", "value": f"{n:064x}"}
+                                     for n in range(start, start + 500)]}} for start in range(0, count, 500)]
 
 
 def otx_benchmark() -> bool:
@@ -197,6 +265,8 @@ BENCHMARKS = {
     "api": api_benchmark,
     "quota": quota_benchmark,
     "otx": otx_benchmark,
+    "tenants-quota": tenants_quota_benchmark,
+    "tenants-plan": tenants_plan_benchmark,
 }
 
 
