@@ -7,9 +7,12 @@ One run, as cron starts it every few hours:
                                                                      ├─► Plan ─► apply ─► Report, exit code
                           Defender listing ─► existing indicators ──┘
 
-Only the MISP source and the Defender client touch the network. Mapping and planning are pure
-functions over plain data, so the plan is a value that can be printed (``--dry-run``), written
-(``--report``), compared in tests and trusted in production.
+Then, with misp_sightings, Defender alerts on owned values go back to MISP as sightings. With a
+``tenants`` list, MISP is read once and each Defender tenant gets its own plan.
+
+Only the MISP source and the HTTP clients (Entra, Key Vault, Defender, OTX) touch the network.
+Mapping and planning are pure functions over plain data, so the plan is a value that can be
+printed (``--dry-run``), written (``--report``), compared in tests and trusted in production.
 
 Exit codes (one place decides them, ``Report.exit_code``):
     0  Defender holds what was planned (values Defender would refuse don't count)
@@ -17,9 +20,11 @@ Exit codes (one place decides them, ``Report.exit_code``):
        (mass-delete guard, tenant cap); the next run picks up what is missing
     2  the run could not proceed and changed nothing (config, credentials, lock, unreachable)
 
-Sections, in the order a run uses them:
-    Settings · MISP source · Mapping · Defender client · Planning · Applying and reporting ·
-    Command line
+Sections, in the order a run uses them (none calls into a later one, except the run and the
+command line, which drive them all):
+    Shared helpers · Settings · MISP reading · Mapping · Reading the selection (MISP pages mapped
+    as they arrive, in a helper process) · HTTP clients (Entra tokens, Key Vault, Defender, OTX) ·
+    Planning · Applying and reporting · Sightings · The run · Command line
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 __version__ = "1.0.0"
@@ -73,7 +78,7 @@ T = TypeVar("T")
 
 
 # ###########################################################################################
-# Shared helpers: errors, redaction, time, the retry policy
+# Shared helpers: errors, redaction, time, files, the retry policy
 # ###########################################################################################
 
 class Misp2DefenderError(Exception):
@@ -459,8 +464,25 @@ def write_json(path: str | Path, document: Any, secrets: Iterable[str]) -> None:
     temporary.replace(path)
 
 
+class JsonLog:
+    """log_json_file: one JSON document per Defender response, secrets and tokens redacted."""
+
+    def __init__(self, path: str, secrets: list[str]):
+        private_file(path)
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self.secrets = secrets
+        self.lock = threading.Lock()
+
+    def __call__(self, entry: dict) -> None:
+        with self.lock:
+            self.handle.write(json.dumps(redact_data(entry, self.secrets), default=str) + "\n")
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 # ###########################################################################################
-# Settings
+# Settings: config.py checked into Settings, and the logging they configure
 # ###########################################################################################
 
 INDICATOR_TYPES = ("FileSha1", "FileSha256", "FileMd5", "CertificateThumbprint",
@@ -890,6 +912,14 @@ def beside_config(path: str, folder: Path | None) -> str:
     return str(folder / path) if path and folder is not None and not Path(path).is_absolute() else path
 
 
+def tenant_file(path: str, name: str) -> str:
+    """A per-Defender file gets the tenant's name: defender.jsonl → defender.acme.jsonl."""
+    if not path or not name:
+        return path
+    target = Path(path)
+    return str(target.with_name(f"{target.stem}.{name}{target.suffix}"))
+
+
 def check_writable(name: str, path: str) -> None:
     """A file the run will write must be writable: say so before anything is contacted."""
     if not path:
@@ -1160,33 +1190,46 @@ def warn_if_config_exposes_secrets(path: str | Path, raw: Mapping[str, Any]) -> 
                     "secrets to MISP2DEFENDER_* environment variables", path, path)
 
 
+class RedactingFormatter(logging.Formatter):
+    """Every log line redacted, and prefixed with the tenant whose thread wrote it."""
+
+    def __init__(self, fmt: str, secrets: list[str]):
+        super().__init__(fmt)
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        tenant = TENANT.get()
+        record.tenant = f"[{tenant}] " if tenant else ""
+        return redact(super().format(record), self.secrets)
+
+
+def setup_logging(settings: Settings | None, verbosity: int, secrets: list[str] | None = None) -> list[logging.Handler]:
+    """File log (debug when verbose_log) and stderr (warnings; more with -v); secrets redacted."""
+    secrets = secrets if secrets is not None else settings.secrets if settings else []
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(tenant)s%(message)s"
+    handlers: list[logging.Handler] = []
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
+    console.addFilter(lambda record: getattr(record, "console", True))  # file-only records (errors said once)
+    handlers.append(console)
+    if settings and settings.log_file:
+        private_file(settings.log_file)  # the log names indicators: owner-only
+        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
+        file_handler.setLevel(logging.DEBUG if settings.verbose_log else logging.INFO)
+        handlers.append(file_handler)
+    root = logging.getLogger()
+    for handler in handlers:
+        handler.setFormatter(RedactingFormatter(fmt, secrets))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    for noisy in ("urllib3", "msal", "pymisp"):  # pymisp logs whole responses at debug
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    return handlers
+
+
 # ###########################################################################################
-# MISP source
+# MISP reading: PyMISP paging and the shapes of MISP's answers
 # ###########################################################################################
-
-@dataclass(frozen=True, slots=True)
-class EventContext:
-    """What mapping needs to know about the event an attribute came from.
-
-    The tag-derived facts are worked out once per event, not once per attribute.
-    """
-
-    id: str
-    uuid: str
-    info: str
-    tags: frozenset[str]
-    timestamp: float
-    severity: str | None = field(init=False)  # from misp:threat-level tags
-    action: str | None = field(init=False)  # from course-of-action tags
-    tlp_clear: bool = field(init=False)
-    title: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "severity", _tag_override(self.tags, THREAT_LEVEL_SEVERITY))
-        object.__setattr__(self, "action", _course_of_action(self.tags))
-        object.__setattr__(self, "tlp_clear", bool(self.tags & TLP_CLEAR_TAGS))
-        object.__setattr__(self, "title", (self.info or f"MISP event {self.id}")[:TITLE_LIMIT])
-
 
 @dataclass
 class MispReadStatus:
@@ -1208,23 +1251,6 @@ class MispReadStatus:
         self.complete = self.complete and other.complete
         self.events += other.events
         self.error = self.error or other.error
-
-
-NO_TAGS: frozenset[str] = frozenset()
-
-
-def tag_names(container: Any) -> frozenset[str]:
-    """Tag names of an event or attribute dict, tolerating the shapes hostile data takes."""
-    tags = container.get("Tag") if isinstance(container, dict) else None
-    if not tags or not isinstance(tags, list):
-        return NO_TAGS
-    return frozenset(t["name"] for t in tags if isinstance(t, dict) and isinstance(t.get("name"), str))
-
-
-def event_context(event: dict) -> EventContext:
-    return EventContext(id=str(event.get("id") or ""), uuid=str(event.get("uuid") or ""),
-                        info=str(event.get("info") or ""), tags=tag_names(event),
-                        timestamp=epoch_or(event.get("timestamp")))
 
 
 def event_attributes(event: dict, flatten_objects: bool) -> Iterator[Any]:
@@ -1424,12 +1450,10 @@ class MispSource:
                 return
             max_pages = None if max_pages is None else max_pages - 1
 
-    def attributes_with_values(self, values: list[str], extra: Mapping[str, Any] | None = None
-                               ) -> list[tuple[dict, EventContext]]:
+    def attributes_with_values(self, values: list[str], extra: Mapping[str, Any] | None = None) -> list[dict]:
         """Attributes the filters select (no time window, to_ids on) carrying one of ``values``.
 
-        Event tags come back on each attribute marked ``inherited``; they are split off again so
-        that the selection rules (vetting, tags) see the event as the main read does.
+        Each comes with its event's tags, marked ``inherited`` (see split_inherited_tags).
         """
         filters = selection_filters(self.settings.misp_event_filters, full_sync=True)
         filters.pop("limit", None)
@@ -1439,7 +1463,7 @@ class MispSource:
             attributes = self.search("attributes", "MISP value check", attributes_of_answer,
                                       value=values[start:start + 200], to_ids=1, include_event_tags=True,
                                       **{**filters, **self.settings.decay_query, **(extra or {})})
-            found.extend(split_inherited_tags(attribute) for attribute in attributes)
+            found.extend(attributes)
         return found
 
 
@@ -1496,17 +1520,8 @@ def attributes_of_answer(result: Any) -> list[dict]:
     return attributes
 
 
-def split_inherited_tags(attribute: dict) -> tuple[dict, EventContext]:
-    """An attribute from attributes/restSearch (with includeEventTags) and its event's context."""
-    tags = attribute.get("Tag") if isinstance(attribute.get("Tag"), list) else []
-    own = [t for t in tags if not (isinstance(t, dict) and t.get("inherited") in (1, "1", True))]
-    inherited = {"Tag": [t for t in tags if isinstance(t, dict) and t.get("inherited") in (1, "1", True)]}
-    event = attribute.get("Event") if isinstance(attribute.get("Event"), dict) else {}
-    return {**attribute, "Tag": own}, event_context({**event, **inherited})
-
-
 # ###########################################################################################
-# Mapping
+# Mapping: MISP attributes to Defender indicators (pure)
 # ###########################################################################################
 
 # MISP attribute type → (Defender indicator type, which part of a composite value to take).
@@ -1554,6 +1569,56 @@ _URL = re.compile(r"(?:([A-Za-z][A-Za-z0-9+.-]*)://)?([^/?#]*)(.*)", re.DOTALL)
 _IPV4 = re.compile(r"(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})")
 
 
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """What mapping needs to know about the event an attribute came from.
+
+    The tag-derived facts are worked out once per event, not once per attribute.
+    """
+
+    id: str
+    uuid: str
+    info: str
+    tags: frozenset[str]
+    timestamp: float
+    severity: str | None = field(init=False)  # from misp:threat-level tags
+    action: str | None = field(init=False)  # from course-of-action tags
+    tlp_clear: bool = field(init=False)
+    title: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "severity", _tag_override(self.tags, THREAT_LEVEL_SEVERITY))
+        object.__setattr__(self, "action", _course_of_action(self.tags))
+        object.__setattr__(self, "tlp_clear", bool(self.tags & TLP_CLEAR_TAGS))
+        object.__setattr__(self, "title", (self.info or f"MISP event {self.id}")[:TITLE_LIMIT])
+
+
+NO_TAGS: frozenset[str] = frozenset()
+
+
+def tag_names(container: Any) -> frozenset[str]:
+    """Tag names of an event or attribute dict, tolerating the shapes hostile data takes."""
+    tags = container.get("Tag") if isinstance(container, dict) else None
+    if not tags or not isinstance(tags, list):
+        return NO_TAGS
+    return frozenset(t["name"] for t in tags if isinstance(t, dict) and isinstance(t.get("name"), str))
+
+
+def event_context(event: dict) -> EventContext:
+    return EventContext(id=str(event.get("id") or ""), uuid=str(event.get("uuid") or ""),
+                        info=str(event.get("info") or ""), tags=tag_names(event),
+                        timestamp=epoch_or(event.get("timestamp")))
+
+
+def split_inherited_tags(attribute: dict) -> tuple[dict, EventContext]:
+    """An attribute from attributes/restSearch (with includeEventTags) and its event's context."""
+    tags = attribute.get("Tag") if isinstance(attribute.get("Tag"), list) else []
+    own = [t for t in tags if not (isinstance(t, dict) and t.get("inherited") in (1, "1", True))]
+    inherited = {"Tag": [t for t in tags if isinstance(t, dict) and t.get("inherited") in (1, "1", True)]}
+    event = attribute.get("Event") if isinstance(attribute.get("Event"), dict) else {}
+    return {**attribute, "Tag": own}, event_context({**event, **inherited})
+
+
 class Rejected(ValueError):
     """A value Defender would refuse; the message is the reason users read."""
 
@@ -1585,16 +1650,9 @@ class Candidate:
     priority: tuple | None = None
     fingerprint: int | None = None
 
-    # A candidate is its own mapping outcome: one object less per attribute on the hot path.
-    kind: ClassVar[str] = "candidate"
-
     def __reduce__(self) -> tuple:
         # Plain positional fields: pickles (to and from a helper reader) several times faster.
         return (Candidate, tuple(getattr(self, name) for name in self.__slots__))
-
-    @property
-    def candidate(self) -> Candidate:
-        return self
 
     @property
     def key(self) -> tuple[str, str]:
@@ -1603,9 +1661,13 @@ class Candidate:
 
 @dataclass(slots=True)
 class Outcome:
-    """What mapping made of one attribute: a candidate, a retraction, a rejection or a skip."""
+    """What mapping made of a value that is not a candidate: a retraction, a rejection or a skip.
 
-    kind: str  # "candidate" | "retraction" | "rejected" | "skipped"
+    Mapping returns a Candidate or an Outcome for each value; ``isinstance(x, Candidate)`` tells
+    them apart (a Candidate is built directly, one object less per attribute on the hot path).
+    """
+
+    kind: str  # "retraction" | "rejected" | "skipped"
     reason: str = ""
     candidate: Candidate | None = None
     key: tuple[str, str] | None = None
@@ -2063,56 +2125,79 @@ def indicator_json(candidate: Candidate, settings: Settings) -> dict[str, Any]:
 
 
 @dataclass
-class Desired:
-    """The mapped result of a MISP read: what Defender should hold, and why the rest was left.
+class Tally:
+    """How mapping went, value by value: counts by kind and reason, and the distinct keys seen.
 
-    Memory stays bounded however large MISP is: Defender holds at most ``room`` more indicators,
-    so only the keys it already holds (``interesting``) and the ``room`` best other candidates
-    are kept as full records; every other distinct key is remembered as a hash, for counting.
-    ``interesting=None`` keeps everything (small inputs, tests).
+    Distinct keys are counted by their 64-bit fingerprints, so that a read of millions of
+    attributes is counted exactly without keeping their records.
     """
 
-    candidates: dict[tuple[str, str], Candidate] = field(default_factory=dict)
-    retractions: dict[tuple[str, str], str] = field(default_factory=dict)
-    rejected: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
-    rejected_items: list[dict] = field(default_factory=list)
     attributes: int = 0
     values: int = 0  # outcomes: one per attribute, two for a domain|ip
     duplicates: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    rejected_items: list[dict] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set, repr=False)  # fingerprints of every candidate key
+    elsewhere: int = 0  # distinct keys only a helper reader saw
+
+    @property
+    def distinct(self) -> int:
+        return len(self.seen) + self.elsewhere
+
+    def candidate(self, candidate: Candidate) -> None:
+        fingerprint = candidate.fingerprint
+        if fingerprint is None:
+            fingerprint = candidate.fingerprint = key_fingerprint(candidate.indicator_type, candidate.value)
+        if fingerprint in self.seen:
+            self.duplicates += 1
+        else:
+            self.seen.add(fingerprint)
+
+    def rejection(self, outcome: Outcome) -> None:
+        self.rejected[outcome.reason] += 1
+        if len(self.rejected_items) < 1000:
+            self.rejected_items.append({**(outcome.detail or {}), "reason": outcome.reason})
+
+    def absorb(self, other: Tally, fingerprints: Iterable[int]) -> None:
+        """Add another reader's counts; only the number of its keys we have not seen is kept."""
+        fingerprints = list(fingerprints)
+        overlap = sum(map(self.seen.__contains__, fingerprints))
+        self.attributes += other.attributes
+        self.values += other.values
+        self.duplicates += other.duplicates + overlap
+        self.elsewhere += len(fingerprints) - overlap
+        self.rejected.update(other.rejected)
+        self.skipped.update(other.skipped)
+        self.rejected_items.extend(other.rejected_items[:max(0, 1000 - len(self.rejected_items))])
+
+    def take_fingerprints(self) -> set[int]:
+        """Hand over the key fingerprints (a helper sends them compactly, apart from the rest)."""
+        seen, self.seen = self.seen, set()
+        return seen
+
+
+@dataclass
+class CandidateSet:
+    """What Defender should hold, as full records: the keys it holds, and the ``room`` best others.
+
+    Memory stays bounded however large MISP is: Defender can take at most ``room`` more
+    indicators, so of the keys it does not hold (``interesting``) only the ``room`` best by
+    ``cap_priority`` are kept; the others are counted (and a sample kept for the report).
+    ``interesting=None`` keeps everything (before the bounds are known, small inputs, tests).
+    """
+
     interesting: frozenset | None = None
     room: int | None = None
-    distinct: int = 0
+    candidates: dict[tuple[str, str], Candidate] = field(default_factory=dict)
+    retractions: dict[tuple[str, str], str] = field(default_factory=dict)
     evicted: int = 0  # distinct candidates dropped for lack of room (the tenant cap); set by finish()
     evicted_sample: list[Candidate] = field(default_factory=list)
     _others: int = 0  # resident candidates outside ``interesting``
     _pushes: int = 0  # heap tie-breaker
     _heap: list = field(default_factory=list, repr=False)
-    _seen: set[int] = field(default_factory=set, repr=False)  # fingerprints of every candidate key
-    _distinct_elsewhere: int = 0  # keys only a helper reader saw
 
-    def add(self, outcome: Outcome | Candidate) -> None:
-        if type(outcome) is Candidate:
-            fingerprint = outcome.fingerprint
-            if fingerprint is None:
-                fingerprint = outcome.fingerprint = key_fingerprint(outcome.indicator_type, outcome.value)
-            if fingerprint in self._seen:
-                self.duplicates += 1
-            else:
-                self._seen.add(fingerprint)
-            self._place(outcome)
-        elif outcome.kind == "retraction":
-            self.skipped[outcome.reason] += 1  # not pushed; and if Defender holds it, it goes
-            if self.interesting is None or outcome.key in self.interesting:
-                self.retractions.setdefault(outcome.key, outcome.reason)
-        elif outcome.kind == "rejected":
-            self.rejected[outcome.reason] += 1
-            if len(self.rejected_items) < 1000:
-                self.rejected_items.append({**(outcome.detail or {}), "reason": outcome.reason})
-        else:
-            self.skipped[outcome.reason] += 1
-
-    def _place(self, candidate: Candidate) -> None:
+    def place(self, candidate: Candidate) -> None:
         """Keep the candidate if its key is held by Defender or it is among the ``room`` best."""
         key = (candidate.indicator_type, candidate.value)
         present = self.candidates.get(key)
@@ -2143,6 +2228,10 @@ class Desired:
             self._others -= 1
             self._evict(weakest)
 
+    def retract(self, key: tuple[str, str], reason: str) -> None:
+        if self.interesting is None or key in self.interesting:
+            self.retractions.setdefault(key, reason)
+
     def _push(self, priority: tuple, candidate: Candidate) -> None:
         self._pushes += 1
         heapq.heappush(self._heap, (priority, self._pushes, candidate))
@@ -2151,59 +2240,89 @@ class Desired:
         if len(self.evicted_sample) < 1000:
             self.evicted_sample.append(candidate)
 
-    def merge_unbounded(self, other: Desired) -> None:
-        """Take, under this (new, empty) Desired's bounds, what ``other`` collected before any bounds."""
-        self.attributes, self.values, self.duplicates = other.attributes, other.values, other.duplicates
-        self.rejected, self.skipped = Counter(other.rejected), Counter(other.skipped)
-        self.rejected_items = list(other.rejected_items)
-        self._seen = set(other._seen)
-        self.retractions = {k: v for k, v in other.retractions.items()
-                            if self.interesting is None or k in self.interesting}
+    def absorb(self, other: CandidateSet) -> None:
+        """Fold in another reader's set (or, into a new empty set, one collected before the bounds)."""
+        for key, reason in other.retractions.items():
+            self.retract(key, reason)
         for candidate in other.candidates.values():
-            self._place(candidate)
+            self.place(candidate)
+        for candidate in other.evicted_sample:
+            self._evict(candidate)
 
     def __getstate__(self) -> dict[str, Any]:
         # The heap is only a working index over ``candidates``: rebuilt where it is needed.
         return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "_heap": []}
 
-    def take_fingerprints(self) -> set[int]:
-        """Hand over the key fingerprints (a helper sends them compactly, apart from the rest)."""
-        seen, self._seen = self._seen, set()
-        return seen
-
-    def absorb(self, part: Desired, fingerprints: Iterable[int]) -> None:
-        """Fold in what another reader (a helper process) collected from other MISP pages.
-
-        Only the count of its distinct keys is needed, so its fingerprints are not added to ours.
-        """
-        fingerprints = list(fingerprints)
-        overlap = sum(map(self._seen.__contains__, fingerprints))
-        self.attributes += part.attributes
-        self.values += part.values
-        self.duplicates += part.duplicates + overlap
-        self._distinct_elsewhere += len(fingerprints) - overlap
-        self.rejected.update(part.rejected)
-        self.skipped.update(part.skipped)
-        self.rejected_items.extend(part.rejected_items[:max(0, 1000 - len(self.rejected_items))])
-        for key, reason in part.retractions.items():
-            self.retractions.setdefault(key, reason)
-        for candidate in part.candidates.values():
-            self._place(candidate)
-        for candidate in part.evicted_sample:
-            self._evict(candidate)
-
-    def finish(self) -> None:
-        """Settle the counts; a value one attribute retracts but another still carries is kept."""
+    def finish(self, distinct: int) -> None:
+        """Settle: a value one attribute retracts but another still carries is kept; count the evicted."""
         for key in list(self.retractions):
             if key in self.candidates:
                 del self.retractions[key]
-        self.distinct = len(self._seen) + self._distinct_elsewhere
         held = (len(self.candidates) if self.interesting is None
                 else sum(1 for key in self.candidates if key in self.interesting))
-        self.evicted = self.distinct - held - self._others
-        self._seen = set()
+        self.evicted = distinct - held - self._others
         self._heap = []
         self.evicted_sample = [c for c in self.evicted_sample if c.key not in self.candidates]
+
+
+class Desired:
+    """One tenant's share of a MISP read: how mapping went (``tally``) and what to hold (``kept``)."""
+
+    __slots__ = ("tally", "kept")
+
+    def __init__(self, interesting: frozenset | None = None, room: int | None = None):
+        self.tally, self.kept = Tally(), CandidateSet(interesting, room)
+
+    def add(self, outcome: Outcome | Candidate) -> None:
+        if type(outcome) is Candidate:
+            self.tally.candidate(outcome)
+            self.kept.place(outcome)
+        elif outcome.kind == "retraction":
+            self.tally.skipped[outcome.reason] += 1  # not pushed; and if Defender holds it, it goes
+            self.kept.retract(outcome.key, outcome.reason)  # type: ignore[arg-type]
+        elif outcome.kind == "rejected":
+            self.tally.rejection(outcome)
+        else:
+            self.tally.skipped[outcome.reason] += 1
+
+    def __getstate__(self) -> tuple[Tally, CandidateSet]:
+        return self.tally, self.kept
+
+    def __setstate__(self, state: tuple[Tally, CandidateSet]) -> None:
+        self.tally, self.kept = state
+
+    def merge_unbounded(self, other: Desired) -> None:
+        """Take, under this (new, empty) Desired's bounds, what ``other`` collected before any bounds."""
+        self.tally = dataclasses.replace(other.tally, rejected=Counter(other.tally.rejected),
+                                         skipped=Counter(other.tally.skipped),
+                                         rejected_items=list(other.tally.rejected_items), seen=set(other.tally.seen))
+        self.kept.absorb(other.kept)
+
+    def absorb(self, part: Desired, fingerprints: Iterable[int]) -> None:
+        """Fold in what another reader (a helper process) collected from other MISP pages."""
+        self.tally.absorb(part.tally, fingerprints)
+        self.kept.absorb(part.kept)
+
+    def take_fingerprints(self) -> set[int]:
+        return self.tally.take_fingerprints()
+
+    def finish(self) -> None:
+        self.kept.finish(self.tally.distinct)
+        self.tally.elsewhere, self.tally.seen = self.tally.distinct, set()
+
+    # What planning and reporting read, by their usual names.
+    candidates = property(lambda self: self.kept.candidates)
+    retractions = property(lambda self: self.kept.retractions)
+    interesting = property(lambda self: self.kept.interesting)
+    evicted = property(lambda self: self.kept.evicted)
+    evicted_sample = property(lambda self: self.kept.evicted_sample)
+    distinct = property(lambda self: self.tally.distinct)
+    attributes = property(lambda self: self.tally.attributes)
+    values = property(lambda self: self.tally.values)
+    duplicates = property(lambda self: self.tally.duplicates)
+    rejected = property(lambda self: self.tally.rejected)
+    skipped = property(lambda self: self.tally.skipped)
+    rejected_items = property(lambda self: self.tally.rejected_items)
 
 
 def collect(events: Iterable[dict], settings: Settings, now: float,
@@ -2264,14 +2383,18 @@ def collect_for(events: Iterable[dict], targets: list[Target], now: float,
                         for add in adds:
                             add(outcome)
             for desired in live:
-                desired.attributes += len(attributes)
-                desired.values += values
+                desired.tally.attributes += len(attributes)
+                desired.tally.values += values
 
 
 def unique(desireds: Iterable[Desired | None]) -> list[Desired]:
     """The distinct Desired objects (several tenants may share one), without the dropped ones."""
     return list({id(d): d for d in desireds if d is not None}.values())
 
+
+# ###########################################################################################
+# Reading the selection: MISP pages mapped as they arrive, in a helper process
+# ###########################################################################################
 
 def share_desired(tenants: list[Settings], given: list[Bounds]) -> list[Target]:
     """A Target per tenant: bounded as its listing says, None when its listing failed. Tenants alike
@@ -2510,6 +2633,7 @@ def _helper_reader(results: Any, bounds: Any, counter: Any, tenants: list[Settin
     if not logging.getLogger().handlers:  # spawned: set up the log; forked: the parent's handlers came along
         setup_logging(settings, 0)
     status, events = MispReadStatus(), []
+
     def on_event(event: EventContext) -> None:
         events.append((event.id, event.uuid, event.info if settings.write_parsed_eventid else ""))
     targets = share_desired(tenants, [(None, None)] * len(tenants))  # unbounded until the bounds come
@@ -2555,91 +2679,17 @@ UNBOUNDED_LIMIT = 50_000  # candidates a helper may hold before it knows its bou
 
 
 # ###########################################################################################
-# Defender client
+# HTTP clients: Entra tokens, Key Vault, Defender, OTX
 # ###########################################################################################
 
-# Documented per-endpoint limits: (calls, window seconds).
-ENDPOINT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
-    "import": ((30, 60.0),),
-    "list": ((100, 60.0), (1500, 3600.0)),
-    "submit": ((100, 60.0), (1500, 3600.0)),
-    "delete": ((100, 60.0), (1500, 3600.0)),
-    "batch_delete": ((30, 60.0), (1500, 3600.0)),
-    "alerts": ((100, 60.0), (1500, 3600.0)),
-}
-LIST_PAGE = 10000
+def make_session(user_agent: str, proxies: Mapping[str, str]) -> Any:
+    import requests
 
-
-@functools.cache
-def decoder() -> concurrent.futures.ThreadPoolExecutor:
-    """The one thread that parses listing pages, whichever tenant they are for."""
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decoder")
-
-
-def decode_page(endpoint: str, response: Any, convert: Callable[[dict], Any] | None) -> tuple[list, Any, int]:
-    """A listing page's items (converted), its nextLink and its length; DefenderError for another shape."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    page = body.get("value") if isinstance(body, dict) else None
-    if not isinstance(page, list) or not all(isinstance(item, dict) for item in page):
-        raise DefenderError(f"Defender {endpoint}: the answer is {shape_of(body)}, not a list of items")
-    return (page if convert is None else list(map(convert, page))), body.get("@odata.nextLink"), len(page)
-ALERT_PAGE = 1000  # alerts carry their evidence: smaller pages than the documented 10,000
-BATCH_LIMIT = 500
-
-
-class RateLimiter:
-    """Sliding-window limits for one endpoint; also holds a not-before time set by Retry-After."""
-
-    def __init__(self, name: str, limits: Iterable[tuple[int, float]], *,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 check: Callable[[float], None] | None = None):
-        # A small margin: the server counts arrival times, which trail our send times.
-        self.name = name
-        self.check = check  # may refuse a wait (RetryPolicy.check_wait): raises instead of sleeping
-        self.limits = [(count, window * 1.02 + 0.05) for count, window in limits]
-        self.sent = [deque() for _ in self.limits]
-        self.not_before = 0.0
-        self.clock, self.sleep = clock, sleep
-        self.waited = 0.0
-        self.lock = threading.Lock()
-
-    def defer(self, seconds: float) -> None:
-        self.not_before = max(self.not_before, self.clock() + seconds)
-
-    def acquire(self) -> None:
-        with self.lock:
-            while True:
-                now = self.clock()
-                wait = self.not_before - now
-                for (count, window), sent in zip(self.limits, self.sent, strict=True):
-                    while sent and sent[0] <= now - window:
-                        sent.popleft()
-                    if len(sent) >= count:
-                        wait = max(wait, sent[0] + window - now)
-                if wait <= 0:
-                    break
-                if self.check is not None:
-                    self.check(wait)
-                log.info("Defender %s quota: waiting %.1f s", self.name, wait)
-                self.waited += wait
-                if PROGRESS.on:
-                    PROGRESS.wait(wait, f"Defender {self.name} quota", self.sleep)
-                else:
-                    self.sleep(wait)
-            for sent in self.sent:
-                sent.append(now)
-
-
-def build_limiters(quota_requests: int, time_scale: float = 1.0, **kwargs: Any) -> dict[str, RateLimiter]:
-    """One limiter per endpoint; ``quota_requests`` per minute applies on top (the stricter wins)."""
-    limiters = {}
-    for name, limits in ENDPOINT_LIMITS.items():
-        combined = [*limits, (quota_requests, 60.0)]
-        limiters[name] = RateLimiter(name, [(n, w * time_scale) for n, w in combined], **kwargs)
-    return limiters
+    session = requests.Session()
+    session.headers["User-Agent"] = user_agent
+    if proxies:
+        session.proxies.update(proxies)
+    return session
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -2891,14 +2941,98 @@ def read_key_vault(tenants: list[Settings], deadline: Deadline) -> list[Settings
             for t in tenants]
 
 
-def make_session(user_agent: str, proxies: Mapping[str, str]) -> Any:
-    import requests
+def time_scale_from_environment() -> float:
+    """Tests shrink the quota windows with MISP2DEFENDER_TIME_SCALE; users never need it."""
+    try:
+        return float(os.environ.get("MISP2DEFENDER_TIME_SCALE", "1"))
+    except ValueError:
+        return 1.0
 
-    session = requests.Session()
-    session.headers["User-Agent"] = user_agent
-    if proxies:
-        session.proxies.update(proxies)
-    return session
+
+# Documented per-endpoint limits: (calls, window seconds).
+ENDPOINT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
+    "import": ((30, 60.0),),
+    "list": ((100, 60.0), (1500, 3600.0)),
+    "submit": ((100, 60.0), (1500, 3600.0)),
+    "delete": ((100, 60.0), (1500, 3600.0)),
+    "batch_delete": ((30, 60.0), (1500, 3600.0)),
+    "alerts": ((100, 60.0), (1500, 3600.0)),
+}
+LIST_PAGE = 10000
+
+
+@functools.cache
+def decoder() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that parses listing pages, whichever tenant they are for."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decoder")
+
+
+def decode_page(endpoint: str, response: Any, convert: Callable[[dict], Any] | None) -> tuple[list, Any, int]:
+    """A listing page's items (converted), its nextLink and its length; DefenderError for another shape."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    page = body.get("value") if isinstance(body, dict) else None
+    if not isinstance(page, list) or not all(isinstance(item, dict) for item in page):
+        raise DefenderError(f"Defender {endpoint}: the answer is {shape_of(body)}, not a list of items")
+    return (page if convert is None else list(map(convert, page))), body.get("@odata.nextLink"), len(page)
+
+
+ALERT_PAGE = 1000  # alerts carry their evidence: smaller pages than the documented 10,000
+BATCH_LIMIT = 500
+
+
+class RateLimiter:
+    """Sliding-window limits for one endpoint; also holds a not-before time set by Retry-After."""
+
+    def __init__(self, name: str, limits: Iterable[tuple[int, float]], *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 check: Callable[[float], None] | None = None):
+        # A small margin: the server counts arrival times, which trail our send times.
+        self.name = name
+        self.check = check  # may refuse a wait (RetryPolicy.check_wait): raises instead of sleeping
+        self.limits = [(count, window * 1.02 + 0.05) for count, window in limits]
+        self.sent = [deque() for _ in self.limits]
+        self.not_before = 0.0
+        self.clock, self.sleep = clock, sleep
+        self.waited = 0.0
+        self.lock = threading.Lock()
+
+    def defer(self, seconds: float) -> None:
+        self.not_before = max(self.not_before, self.clock() + seconds)
+
+    def acquire(self) -> None:
+        with self.lock:
+            while True:
+                now = self.clock()
+                wait = self.not_before - now
+                for (count, window), sent in zip(self.limits, self.sent, strict=True):
+                    while sent and sent[0] <= now - window:
+                        sent.popleft()
+                    if len(sent) >= count:
+                        wait = max(wait, sent[0] + window - now)
+                if wait <= 0:
+                    break
+                if self.check is not None:
+                    self.check(wait)
+                log.info("Defender %s quota: waiting %.1f s", self.name, wait)
+                self.waited += wait
+                if PROGRESS.on:
+                    PROGRESS.wait(wait, f"Defender {self.name} quota", self.sleep)
+                else:
+                    self.sleep(wait)
+            for sent in self.sent:
+                sent.append(now)
+
+
+def build_limiters(quota_requests: int, time_scale: float = 1.0, **kwargs: Any) -> dict[str, RateLimiter]:
+    """One limiter per endpoint; ``quota_requests`` per minute applies on top (the stricter wins)."""
+    limiters = {}
+    for name, limits in ENDPOINT_LIMITS.items():
+        combined = [*limits, (quota_requests, 60.0)]
+        limiters[name] = RateLimiter(name, [(n, w * time_scale) for n, w in combined], **kwargs)
+    return limiters
 
 
 class DefenderClient:
@@ -3136,7 +3270,7 @@ class OtxClient:
 
 
 # ###########################################################################################
-# Planning
+# Planning: desired against existing, with reasons (pure)
 # ###########################################################################################
 
 @dataclass(frozen=True, slots=True)
@@ -3431,6 +3565,17 @@ def exclude_known(result: Plan, known: set[tuple[str, str]]) -> int:
 # ###########################################################################################
 # Applying and reporting
 # ###########################################################################################
+
+@dataclass
+class SightingCounts:
+    alerts_read: int = 0
+    matched: int = 0
+    added: int = 0
+    false_positive: int = 0
+    already_present: int = 0
+    failed: int = 0
+    evidence_skipped: int = 0
+
 
 @dataclass
 class Report:
@@ -3772,17 +3917,6 @@ class Sighting:
         return f"{kind} {self.indicator_type} {self.value} at {format_time(self.timestamp)} — {self.source}"
 
 
-@dataclass
-class SightingCounts:
-    alerts_read: int = 0
-    matched: int = 0
-    added: int = 0
-    false_positive: int = 0
-    already_present: int = 0
-    failed: int = 0
-    evidence_skipped: int = 0
-
-
 def _host_keys(host: str) -> list[tuple[str, str]]:
     """An evidence host as the keys it can hit: the IP, or the domain and every parent domain.
 
@@ -3927,130 +4061,8 @@ def sightings_since(settings: Settings, now: float) -> str:
 
 
 # ###########################################################################################
-# Command line
+# The run
 # ###########################################################################################
-
-class RedactingFormatter(logging.Formatter):
-    """Every log line redacted, and prefixed with the tenant whose thread wrote it."""
-
-    def __init__(self, fmt: str, secrets: list[str]):
-        super().__init__(fmt)
-        self.secrets = secrets
-
-    def format(self, record: logging.LogRecord) -> str:
-        tenant = TENANT.get()
-        record.tenant = f"[{tenant}] " if tenant else ""
-        return redact(super().format(record), self.secrets)
-
-
-def setup_logging(settings: Settings | None, verbosity: int, secrets: list[str] | None = None) -> list[logging.Handler]:
-    """File log (debug when verbose_log) and stderr (warnings; more with -v); secrets redacted."""
-    secrets = secrets if secrets is not None else settings.secrets if settings else []
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(tenant)s%(message)s"
-    handlers: list[logging.Handler] = []
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
-    console.addFilter(lambda record: getattr(record, "console", True))  # file-only records (errors said once)
-    handlers.append(console)
-    if settings and settings.log_file:
-        private_file(settings.log_file)  # the log names indicators: owner-only
-        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
-        file_handler.setLevel(logging.DEBUG if settings.verbose_log else logging.INFO)
-        handlers.append(file_handler)
-    root = logging.getLogger()
-    for handler in handlers:
-        handler.setFormatter(RedactingFormatter(fmt, secrets))
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    for noisy in ("urllib3", "msal", "pymisp"):  # pymisp logs whole responses at debug
-        logging.getLogger(noisy).setLevel(logging.INFO)
-    return handlers
-
-
-class RunLock:
-    """An exclusive flock: overlapping cron runs cannot interleave; a dead holder frees it."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.handle: Any = None
-
-    def __enter__(self) -> RunLock:
-        private_file(self.path)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "unknown"
-            self.handle.close()
-            raise LockedError(f"another misp2defender run (pid {holder}) holds the lock {self.path}; "
-                              "exiting without changes") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"{os.getpid()}\n")
-        self.handle.flush()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
-
-class JsonLog:
-    """log_json_file: one JSON document per Defender response, secrets and tokens redacted."""
-
-    def __init__(self, path: str, secrets: list[str]):
-        private_file(path)
-        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
-        self.secrets = secrets
-        self.lock = threading.Lock()
-
-    def __call__(self, entry: dict) -> None:
-        with self.lock:
-            self.handle.write(json.dumps(redact_data(entry, self.secrets), default=str) + "\n")
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-def parsed_indicators_path(settings: Settings) -> Path:
-    default = Path(settings.log_file or "misp2defender.log").with_name("misp2defender_indicators.json")
-    return Path(tenant_file(str(default), settings.name))
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="misp2defender.py", description="Sync MISP indicators to Microsoft Defender for Endpoint.")
-    parser.add_argument("--config", default=str(Path(__file__).resolve().with_name("config.py")),
-                        help="path to the config module (default: config.py beside this script)")
-    parser.add_argument("--dry-run", action="store_true", help="read and plan, print the plan, write nothing")
-    parser.add_argument("--full-sync", action="store_true",
-                        help="read the whole MISP selection (no time window) and delete what it no longer holds")
-    parser.add_argument("--force", action="store_true", help="delete even above remove_guard_percent")
-    parser.add_argument("--check", action="store_true",
-                        help="check config, MISP, Entra, Defender permission (and OTX); write nothing")
-    parser.add_argument("--report", metavar="FILE", help="write a JSON report of the run to FILE")
-    parser.add_argument("--tenant", metavar="NAME", action="append", default=[],
-                        help="only this tenant of the 'tenants' list (repeatable)")
-    parser.add_argument("--event", metavar="UUID_OR_ID", action="append", default=[],
-                        help="push just this MISP event now, whatever the time window (repeatable); never deletes")
-    parser.add_argument("--ignore-filters", action="store_true",
-                        help="with --event: ignore misp_event_filters (published, tags, ...) too")
-    parser.add_argument("--sightings-only", action="store_true",
-                        help="only turn Defender alerts into MISP sightings (misp_sightings), no sync")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output on stderr (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
-    parser.add_argument("--version", action="version", version=f"misp2defender {__version__}")
-    return parser.parse_args(argv)
-
-
-def time_scale_from_environment() -> float:
-    """Tests shrink the quota windows with MISP2DEFENDER_TIME_SCALE; users never need it."""
-    try:
-        return float(os.environ.get("MISP2DEFENDER_TIME_SCALE", "1"))
-    except ValueError:
-        return 1.0
-
 
 def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadline: Deadline,
         close_in_helper: Iterable[int] = ()) -> None:
@@ -4313,12 +4325,9 @@ class TenantRun:
             self.json_log.close()
 
 
-def tenant_file(path: str, name: str) -> str:
-    """A per-Defender file gets the tenant's name: defender.jsonl → defender.acme.jsonl."""
-    if not path or not name:
-        return path
-    target = Path(path)
-    return str(target.with_name(f"{target.stem}.{name}{target.suffix}"))
+def parsed_indicators_path(settings: Settings) -> Path:
+    default = Path(settings.log_file or "misp2defender.log").with_name("misp2defender_indicators.json")
+    return Path(tenant_file(str(default), settings.name))
 
 
 def list_existing(client: DefenderClient | None, settings: Settings, report: Report) -> list[Existing]:
@@ -4406,11 +4415,41 @@ def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings:
     values = sorted({spelling for key in keys for spelling in misp_spellings(*key)})
     found = set()
     wanted = set(keys)
-    for attribute, context in misp.attributes_with_values(values):
+    for attribute, context in map(split_inherited_tags, misp.attributes_with_values(values)):
         for outcome in map_attribute(attribute, context, settings, time.time()):
-            if outcome.kind == "candidate" and outcome.candidate.key in wanted:
-                found.add(outcome.candidate.key)
+            if isinstance(outcome, Candidate) and outcome.key in wanted:
+                found.add(outcome.key)
     return frozenset(found)
+
+
+# ###########################################################################################
+# Command line
+# ###########################################################################################
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="misp2defender.py", description="Sync MISP indicators to Microsoft Defender for Endpoint.")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().with_name("config.py")),
+                        help="path to the config module (default: config.py beside this script)")
+    parser.add_argument("--dry-run", action="store_true", help="read and plan, print the plan, write nothing")
+    parser.add_argument("--full-sync", action="store_true",
+                        help="read the whole MISP selection (no time window) and delete what it no longer holds")
+    parser.add_argument("--force", action="store_true", help="delete even above remove_guard_percent")
+    parser.add_argument("--check", action="store_true",
+                        help="check config, MISP, Entra, Defender permission (and OTX); write nothing")
+    parser.add_argument("--report", metavar="FILE", help="write a JSON report of the run to FILE")
+    parser.add_argument("--tenant", metavar="NAME", action="append", default=[],
+                        help="only this tenant of the 'tenants' list (repeatable)")
+    parser.add_argument("--event", metavar="UUID_OR_ID", action="append", default=[],
+                        help="push just this MISP event now, whatever the time window (repeatable); never deletes")
+    parser.add_argument("--ignore-filters", action="store_true",
+                        help="with --event: ignore misp_event_filters (published, tags, ...) too")
+    parser.add_argument("--sightings-only", action="store_true",
+                        help="only turn Defender alerts into MISP sightings (misp_sightings), no sync")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output on stderr (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
+    parser.add_argument("--version", action="version", version=f"misp2defender {__version__}")
+    return parser.parse_args(argv)
 
 
 FIXES = {
@@ -4656,6 +4695,35 @@ def check_sightings_key(checks: Checklist, shared: Settings, policy: RetryPolicy
         checks.fail(f"MISP: {source}'s role ({getattr(role, 'name', '?')}) may not add sightings",
                     "give that user a role with 'Sighting' permission, or set sightings_misp_key to a key "
                     "that has it (the sync's own key can stay read-only)")
+
+
+class RunLock:
+    """An exclusive flock: overlapping cron runs cannot interleave; a dead holder frees it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.handle: Any = None
+
+    def __enter__(self) -> RunLock:
+        private_file(self.path)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise LockedError(f"another misp2defender run (pid {holder}) holds the lock {self.path}; "
+                              "exiting without changes") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
 
 
 class Terminated(BaseException):

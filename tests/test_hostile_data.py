@@ -55,8 +55,9 @@ def test_hostile_events_never_crash_and_every_attribute_is_accounted_for(events:
             results = m2d.map_attribute(attr, context, SETTINGS, NOW)
             assert results, "an attribute vanished without an outcome"
             for result in results:
-                kinds[result.kind] += 1
-                if result.kind in ("rejected", "skipped"):
+                kind = "candidate" if isinstance(result, m2d.Candidate) else result.kind
+                kinds[kind] += 1
+                if kind in ("rejected", "skipped"):
                     assert result.reason
     assert sum(desired.rejected.values()) == kinds["rejected"]
     assert sum(desired.skipped.values()) == kinds["skipped"] + kinds["retraction"]  # a retraction is skipped too
@@ -79,8 +80,8 @@ def test_nonsense_timestamps_fall_back_instead_of_crashing() -> None:
         event = m2d.EventContext("1", "u", "i", frozenset(), NOW)
         [result] = m2d.map_attribute(attr, event, SETTINGS, NOW)
         # Falls back to the event timestamp (NOW here) as valid_from: 300 days for DomainName.
-        assert result.candidate.expiration == NOW + 300 * 86400
-        assert m2d.indicator_json(result.candidate, SETTINGS)["expirationTime"] == "2027-09-14T11:06:40Z"
+        assert result.expiration == NOW + 300 * 86400
+        assert m2d.indicator_json(result, SETTINGS)["expirationTime"] == "2027-09-14T11:06:40Z"
 
 
 def test_hostile_events_through_misp_and_the_whole_run(tool: Tool) -> None:

@@ -23,10 +23,15 @@ def outcomes(attr: object, event: m2d.EventContext = EVENT, **config: object) ->
     return m2d.map_attribute(attr, event, make_settings(**config), NOW)
 
 
+def kind(result: object) -> str:
+    """What mapping made of a value: "candidate", or the Outcome's kind."""
+    return "candidate" if isinstance(result, m2d.Candidate) else result.kind  # type: ignore[attr-defined]
+
+
 def only_key(attr: dict, **config: object) -> tuple[str, str]:
     [result] = outcomes(attr, **config)
-    assert result.kind == "candidate", result
-    return result.candidate.key
+    assert isinstance(result, m2d.Candidate), result
+    return result.key
 
 
 @pytest.mark.parametrize("misp_type, value, expected", [
@@ -101,10 +106,10 @@ def test_values_defender_would_refuse_are_rejected_with_a_reason(misp_type: str,
 
 def test_domain_ip_yields_both_indicators_and_keeps_the_good_half() -> None:
     both = outcomes(attribute("domain|ip", "c2.cdn-update-check.top|91.215.85.14"))
-    assert [o.candidate.key for o in both] == [("DomainName", "c2.cdn-update-check.top"),
+    assert [o.key for o in both] == [("DomainName", "c2.cdn-update-check.top"),
                                                ("IpAddress", "91.215.85.14")]
     half = outcomes(attribute("domain|ip", "c2.cdn-update-check.top|10.0.0.1"))
-    assert [o.kind for o in half] == ["candidate", "rejected"]
+    assert [kind(o) for o in half] == ["candidate", "rejected"]
 
 
 @pytest.mark.parametrize("attr, reason", [
@@ -130,7 +135,7 @@ def test_indicator_json_fields() -> None:
     attr = attribute("ip-dst", "185.220.101.4", comment="beacon every 60 s", category="Network activity")
     [result] = outcomes(attr)
     settings = make_settings(defender_rbac_group_names=["Servers"])
-    assert m2d.indicator_json(result.candidate, settings) == {
+    assert m2d.indicator_json(result, settings) == {
         "indicatorValue": "185.220.101.4",
         "indicatorType": "IpAddress",
         "action": "Audit",
@@ -158,35 +163,35 @@ def test_expiry_per_type_from_valid_from(config: dict, misp_type: str, expected_
     value = {"ip-dst": "185.220.101.4", "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
              "url": "http://bad.site/x", "domain": "bad.site"}[misp_type]
     [result] = outcomes(attribute(misp_type, value), **config)
-    assert result.candidate.expiration == (NOW - 7200) + expected_days * DAY
+    assert result.expiration == (NOW - 7200) + expected_days * DAY
 
 
 def test_expiry_starts_at_first_seen_or_now() -> None:
     attr = attribute("ip-dst", "185.220.101.4", first_seen="2026-11-01T00:00:00.000000+00:00")
     [from_first_seen] = outcomes(attr)
     first_seen = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc).timestamp()
-    assert from_first_seen.candidate.expiration == first_seen + 90 * DAY
+    assert from_first_seen.expiration == first_seen + 90 * DAY
     [from_now] = outcomes(attr, days_to_expire_start="current_date")
-    assert from_now.candidate.expiration == NOW + 90 * DAY
+    assert from_now.expiration == NOW + 90 * DAY
 
 
 def test_tlp_clear_or_white_on_event_or_attribute_expires_sooner() -> None:
     tagged = attribute("ip-dst", "185.220.101.4", Tag=[{"name": "tlp:clear"}])
     [on_attribute] = outcomes(tagged, days_to_expire_start="current_date")
-    assert on_attribute.candidate.expiration == NOW + 7 * DAY
+    assert on_attribute.expiration == NOW + 7 * DAY
     white_event = m2d.EventContext("1", "u", "info", frozenset({"tlp:white"}), NOW)
     [on_event] = m2d.map_attribute(attribute("ip-dst", "185.220.101.4"), white_event,
                                    make_settings(days_to_expire_start="current_date"), NOW)
-    assert on_event.candidate.expiration == NOW + 7 * DAY
+    assert on_event.expiration == NOW + 7 * DAY
 
 
 def test_last_seen_sets_expiry_unless_ignored() -> None:
     attr = attribute("ip-dst", "185.220.101.4", last_seen="2026-12-24T00:00:00+00:00")
     christmas = dt.datetime(2026, 12, 24, tzinfo=dt.timezone.utc).timestamp()
     [honoured] = outcomes(attr, days_to_expire_ignore_misp_last_seen=False)
-    assert honoured.candidate.expiration == christmas
+    assert honoured.expiration == christmas
     [ignored] = outcomes(attr)
-    assert ignored.candidate.expiration == (NOW - 7200) + 90 * DAY
+    assert ignored.expiration == (NOW - 7200) + 90 * DAY
     stale = attribute("ip-dst", "185.220.101.4", last_seen="2026-01-01T00:00:00+00:00")
     [expired] = outcomes(stale, days_to_expire_ignore_misp_last_seen=False)
     assert (expired.kind, expired.reason) == ("skipped", "already expired")
@@ -211,7 +216,7 @@ def test_tags_override_action_and_severity(attribute_tags: list, event_tags: lis
     event = m2d.EventContext("1", "u", "info", frozenset(event_tags), NOW)
     attr = attribute("domain", "bad.site", Tag=[{"name": t} for t in attribute_tags])
     [result] = m2d.map_attribute(attr, event, make_settings(), NOW)
-    assert (result.candidate.action, result.candidate.severity) == expected
+    assert (result.action, result.severity) == expected
 
 
 @pytest.mark.parametrize("indicator_type, wanted, expected", [
@@ -234,7 +239,7 @@ def test_audit_certificate_is_rejected_rather_than_turned_into_a_block() -> None
 
 def test_audit_always_generates_an_alert() -> None:
     [result] = outcomes(attribute("domain", "bad.site"))
-    item = m2d.indicator_json(result.candidate, make_settings(defender_generate_alert=False))
+    item = m2d.indicator_json(result, make_settings(defender_generate_alert=False))
     assert (item["action"], item["generateAlert"]) == ("Audit", True)
 
 
@@ -245,11 +250,11 @@ def test_vetted_only_events_keep_only_vetted_attributes() -> None:
     settings = make_settings()
     [kept] = m2d.map_attribute(vetted, event, settings, NOW)
     [dropped] = m2d.map_attribute(unvetted, event, settings, NOW)
-    assert kept.kind == "candidate" and kept.candidate.action == "Block"
+    assert kind(kept) == "candidate" and kept.action == "Block"
     assert (dropped.kind, dropped.reason) == ("skipped", "event needs vetted attributes; attribute not vetted")
     # The same unvetted attribute in an ordinary event is taken.
     [ordinary] = m2d.map_attribute(unvetted, EVENT, settings, NOW)
-    assert ordinary.kind == "candidate"
+    assert kind(ordinary) == "candidate"
 
 
 def test_duplicates_keep_strongest_severity_then_latest_expiry() -> None:
@@ -305,7 +310,7 @@ def test_the_fast_ipv4_table_agrees_with_ipaddress() -> None:
 def test_legacy_alert_actions_keep_their_alert_even_when_alerts_are_off(wanted: str, expected: tuple) -> None:
     settings = make_settings(defender_action=wanted, defender_generate_alert=False)
     [result] = m2d.map_attribute(attribute("domain", "bad.site"), EVENT, settings, NOW)
-    item = m2d.indicator_json(result.candidate, settings)
+    item = m2d.indicator_json(result, settings)
     assert (item["action"], item["generateAlert"]) == expected
 
 
