@@ -9,51 +9,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from tests.standins.base import StandIn
+from tests.harness import tool  # noqa: F401 - the end-to-end `tool` fixture, registered for every module
 from tests.standins.defender import DefenderStandIn
 from tests.standins.entra import EntraStandIn
 from tests.standins.identity import ManagedIdentityStandIn
 from tests.standins.keyvault import KeyVaultStandIn
-from tests.standins.misp import DEFAULT_KEY as MISP_KEY
 from tests.standins.misp import MispStandIn, load_events
-from tests.standins.otx import DEFAULT_KEY as OTX_KEY
 from tests.standins.otx import OtxStandIn
 from tests.standins.tls import PKI, make_client_certificate, make_test_pki
-
-S = TypeVar("S", bound=StandIn)
-
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO / "tests" / "data"
-SHARED_EVENTS_DIR = REPO.parent / "shared" / "data" / "misp-events"
-
-TEST_TENANT = "5f1c9a2e-8b3d-4e6f-a7c0-2d9e4b1a6c38"
-TEST_CLIENT_ID = "0b7e3f52-6a1d-4c8e-9f24-d1a5c6b7e8f9"
-TEST_CLIENT_SECRET = "Zq8~standin.client-secret_4Kp2Vw9"
-OTHER_CLIENT_ID = "9c2d4e6f-1a3b-4c5d-8e7f-a0b1c2d3e4f5"
-OTHER_CLIENT_SECRET = "Yx7~other.client-secret_1Lm3Nb8"
-DEFENDER_SCOPE = "https://api.securitycenter.microsoft.com/.default"
-# One "minute" of Defender quota lasts 1 s and one "hour" 60 s: the documented
-# counts (30 imports/min, 100 lists/min, 1,500/h) apply, but a test that runs
-# into a 429 waits about a second, not a minute.
-DEFENDER_TIME_SCALE = 1 / 60
-
-__all__ = [
-    "DEFENDER_SCOPE",
-    "DEFENDER_TIME_SCALE",
-    "MISP_KEY",
-    "OTHER_CLIENT_ID",
-    "OTHER_CLIENT_SECRET",
-    "OTX_KEY",
-    "TEST_CLIENT_ID",
-    "TEST_CLIENT_SECRET",
-    "TEST_TENANT",
-]
+from tests.util import (
+    DATA_DIR,
+    DEFENDER_TIME_SCALE,
+    MISP_KEY,
+    OTHER_CLIENT_ID,
+    OTHER_CLIENT_SECRET,
+    OTX_KEY,
+    SHARED_EVENTS_DIR,
+    TEST_CLIENT_ID,
+    TEST_CLIENT_SECRET,
+    TEST_TENANT,
+    serving,
+)
 
 _SCRUBBED = (
     # Credentials the tool finds in the environment (workload identity, managed identity sources).
@@ -124,18 +104,6 @@ def ca_env(clean_env: None, pki: PKI, monkeypatch: pytest.MonkeyPatch) -> Path:
     return pki.ca_path
 
 
-@contextmanager
-def serving(server: S) -> Iterator[S]:
-    """Start a stand-in, hand it over, then close it and demand a clean record."""
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-        assert not server.running, f"{type(server).__name__} thread still alive"
-        assert server.errors == [], f"{type(server).__name__} errors: {server.errors}"
-
-
 @pytest.fixture
 def entra(pki: PKI) -> Iterator[EntraStandIn]:
     with serving(
@@ -191,9 +159,3 @@ def keyvault(pki: PKI, entra: EntraStandIn) -> Iterator[KeyVaultStandIn]:
 def otx(pki: PKI) -> Iterator[OtxStandIn]:
     with serving(OtxStandIn(pki, key=OTX_KEY)) as server:
         yield server
-
-
-# The end-to-end harness (tests/harness.py) defines the `tool` fixture on top of the
-# fixtures above; importing it here registers it for every test module. It imports
-# the constants above from this module, so this import must stay at the bottom.
-from tests.harness import tool  # noqa: E402, F401

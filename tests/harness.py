@@ -1,4 +1,4 @@
-"""Running misp2defender as users do, against the stand-ins (a pytest plugin: see conftest.py).
+"""Running misp2defender as users do, against the stand-ins (its ``tool`` fixture is registered by conftest.py).
 
 ``tool.run("--dry-run", defender_action="Block")`` writes a config.py with the stand-ins' URLs
 plus the overrides, calls ``misp2defender.main([...])`` in-process with stdout/stderr captured,
@@ -20,8 +20,17 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DEFENDER_TIME_SCALE, MISP_KEY, TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_TENANT
-from tests.util import ROOT, m2d, write_config
+from tests.util import (
+    DEFENDER_TIME_SCALE,
+    MISP_KEY,
+    ROOT,
+    TEST_CLIENT_ID,
+    TEST_CLIENT_SECRET,
+    TEST_TENANT,
+    WRITES,
+    m2d,
+    write_config,
+)
 
 # Sample events carry fixed 2026 timestamps: tests read them without a time window and let the
 # expiry start at the run's date, so they keep passing in later years.
@@ -87,6 +96,14 @@ class Tool:
     def held(self, owned_only: bool = True) -> set[tuple[str, str, str]]:
         return {(i["indicatorType"], i["indicatorValue"], i["action"]) for i in self.defender.active()
                 if not owned_only or i.get("createdBy") == TEST_CLIENT_ID}
+
+    def owned_keys(self) -> set[tuple[str, str]]:
+        """(type, value) of every active indicator this tool owns in the Defender stand-in."""
+        return {(t, v) for t, v, _ in self.held()}
+
+    def writes(self) -> list:
+        """Every write call the Defender stand-in received."""
+        return [c for c in self.defender.calls() if c.endpoint in WRITES]
 
     def written_files(self) -> list[Path]:
         return [p for p in self.tmp.rglob("*") if p.is_file()]

@@ -27,19 +27,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import misp2defender  # noqa: E402
-from tests.conftest import (  # noqa: E402
+from tests.standins.defender import DefenderStandIn  # noqa: E402
+from tests.standins.entra import EntraStandIn  # noqa: E402
+from tests.standins.misp import MispStandIn, load_events  # noqa: E402
+from tests.standins.tls import make_test_pki  # noqa: E402
+from tests.util import (  # noqa: E402
     DATA_DIR,
     MISP_KEY,
     TEST_CLIENT_ID,
     TEST_CLIENT_SECRET,
     TEST_TENANT,
     serving,
+    write_config,  # noqa: E402
 )
-from tests.standins.defender import DefenderStandIn  # noqa: E402
-from tests.standins.entra import EntraStandIn  # noqa: E402
-from tests.standins.misp import MispStandIn, load_events  # noqa: E402
-from tests.standins.tls import make_test_pki  # noqa: E402
-from tests.util import write_config  # noqa: E402
 
 
 def banner(text: str) -> None:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MISP_KEY, TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_TENANT
 from tests.harness import Tool
 from tests.standins.entra import make_federated_assertion
 from tests.standins.identity import DEFAULT_SYSTEM_CLIENT_ID
-from tests.test_sync import SAMPLE_KEYS
+from tests.util import MISP_KEY, SAMPLE_KEYS, TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_TENANT
 
 USER_ASSIGNED = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 ISSUER = "https://oidc.prod-aks.azure.com/5f1c9a2e-8b3d-4e6f-a7c0-2d9e4b1a6c38/"

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from tests.conftest import TEST_CLIENT_ID
 from tests.harness import Tool
+from tests.util import TEST_CLIENT_ID
 
 DAY = 86400
 NIDS = "NIDS Simple Decaying Model"

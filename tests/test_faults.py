@@ -9,22 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MISP_KEY, OTX_KEY, TEST_CLIENT_SECRET, serving
 from tests.harness import Tool
 from tests.standins.defender import DefenderStandIn
 from tests.standins.misp import MispStandIn
-from tests.test_sync import SAMPLE_KEYS, WRITES, distinct_sha256_events
-
-
-def owned(tool: Tool) -> set[tuple[str, str]]:
-    return {(t, v) for t, v, _ in tool.held()}
+from tests.util import MISP_KEY, OTX_KEY, SAMPLE_KEYS, TEST_CLIENT_SECRET, distinct_sha256_events, serving
 
 
 def test_import_429_three_times_honours_retry_after_and_lands_everything(tool: Tool) -> None:
     tool.defender.inject("import", status=429, retry_after=1, times=3)
     result = tool.run()
     assert result.code == 0, result.stderr
-    assert owned(tool) == SAMPLE_KEYS
+    assert tool.owned_keys() == SAMPLE_KEYS
     assert len(tool.defender.calls("import", status=429)) == 3
     assert tool.defender.early_retries == []
     attempts = [c.t for c in tool.defender.calls("import")]
@@ -37,7 +32,7 @@ def test_5xx_on_import_and_listing_are_retried(tool: Tool) -> None:
     tool.defender.inject("list", status=500, times=1)
     result = tool.run()
     assert result.code == 0, result.stderr
-    assert owned(tool) == SAMPLE_KEYS
+    assert tool.owned_keys() == SAMPLE_KEYS
     assert result.report["api"]["import"]["retries"] == 2 and result.report["api"]["list"]["retries"] == 1
 
 
@@ -45,24 +40,24 @@ def test_dropped_connections_are_retried_without_duplicates(tool: Tool) -> None:
     tool.defender.inject("import", drop=True, times=1)
     result = tool.run(max_indicators_per_query=10)
     assert result.code == 0, result.stderr
-    assert owned(tool) == SAMPLE_KEYS
+    assert tool.owned_keys() == SAMPLE_KEYS
     assert len(tool.defender.owned_by(tool.defaults["graph_auth"]["client_id"])) == 36
 
 
 def test_errors_that_outlast_the_retries_are_reported_and_the_next_run_finishes(tool: Tool) -> None:
     tool.defender.inject("import", status=503, times=4)  # two attempts in the first run, two in the next
     failed = tool.run(max_retries=1)
-    assert failed.code == 1 and failed.counts["failed"] == 36 and owned(tool) == set()
+    assert failed.code == 1 and failed.counts["failed"] == 36 and tool.owned_keys() == set()
     assert "Defender import failed after 2 attempts" in failed.stderr
     again = tool.run(max_retries=3)
-    assert again.code == 0 and owned(tool) == SAMPLE_KEYS
+    assert again.code == 0 and tool.owned_keys() == SAMPLE_KEYS
 
 
 def test_tokens_expiring_mid_run_are_renewed(tool: Tool) -> None:
     tool.defender.after("import", 1, tool.entra.expire_all_tokens)
     result = tool.run(max_indicators_per_query=10)
     assert result.code == 0, result.stderr
-    assert owned(tool) == SAMPLE_KEYS
+    assert tool.owned_keys() == SAMPLE_KEYS
     assert len(tool.defender.calls("import", status=401)) == 1
     assert tool.entra.issued == 2
 
@@ -84,9 +79,9 @@ def test_sigkill_mid_run_then_a_normal_run_converges(tool: Tool) -> None:
     tool.defender.after("import", 1, lambda: os.kill(child.pid, signal.SIGKILL))
     child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    assert 0 < len(owned(tool)) < 36
+    assert 0 < len(tool.owned_keys()) < 36
     assert tool.run().code == 0
-    assert owned(tool) == SAMPLE_KEYS and len(tool.held()) == 36
+    assert tool.owned_keys() == SAMPLE_KEYS and len(tool.held()) == 36
 
 
 def test_sigkill_during_an_action_change_leaves_no_duplicates_after_the_next_run(tool: Tool) -> None:
@@ -104,7 +99,7 @@ def test_two_runs_started_together_one_works_the_other_exits_2_at_once(tool: Too
     tool.defender.inject("list", delay=2.0)  # keep the first run busy while the second starts
     first, _ = tool.spawn()
     time.sleep(0.8)
-    writes_before = len([c for c in tool.defender.calls() if c.endpoint in WRITES])
+    writes_before = len(tool.writes())
     started = time.monotonic()
     second, _ = tool.spawn()
     out, err = second.communicate(timeout=30)
@@ -147,7 +142,7 @@ def test_secrets_from_the_environment_and_a_warning_for_a_readable_config(tool: 
     monkeypatch.setenv("MISP2DEFENDER_MISP_KEY", MISP_KEY)
     graph_auth = {k: v for k, v in tool.defaults["graph_auth"].items() if k != "client_secret"}
     result = tool.run(graph_auth=graph_auth, misp_key="")
-    assert result.code == 0 and owned(tool) == SAMPLE_KEYS
+    assert result.code == 0 and tool.owned_keys() == SAMPLE_KEYS
     assert "readable by other users" not in result.stderr  # no secret in this config
     warned = tool.run()  # the harness writes configs with the usual umask: readable by all
     assert "readable by other users" in warned.stderr and "chmod 600" in warned.stderr
@@ -178,7 +173,7 @@ def test_misp_page_errors_are_retried(tool: Tool, fault: dict) -> None:
     tool.misp.inject("events", **fault)
     result = tool.run(misp_event_limit_per_page=2)
     assert result.code == 0, result.stderr
-    assert owned(tool) == SAMPLE_KEYS
+    assert tool.owned_keys() == SAMPLE_KEYS
 
 
 def test_a_run_that_fails_after_its_helper_reader_started_leaves_no_process_behind(tool: Tool) -> None:

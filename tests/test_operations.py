@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OTX_KEY, TEST_CLIENT_ID, serving
 from tests.harness import Tool
 from tests.standins.otx import OtxStandIn
-from tests.test_sync import SAMPLE_KEYS, WRITES, distinct_sha256_events
-
-
-def writes(tool: Tool) -> list:
-    return [c for c in tool.defender.calls() if c.endpoint in WRITES]
+from tests.util import OTX_KEY, SAMPLE_KEYS, TEST_CLIENT_ID, distinct_sha256_events, serving
 
 
 def test_check_passes_on_a_healthy_setup_and_writes_nothing(tool: Tool) -> None:
@@ -26,7 +21,7 @@ def test_check_passes_on_a_healthy_setup_and_writes_nothing(tool: Tool) -> None:
     assert "  ✓ MISP: 5 events match misp_event_filters" in lines
     assert any(line.startswith("  ✓ Entra: token issued") and "Ti.ReadWrite.All" in line for line in lines)
     assert any(line.startswith("  ✓ Defender: ") for line in lines)
-    assert "✗" not in result.stdout and writes(tool) == []
+    assert "✗" not in result.stdout and tool.writes() == []
     assert [c.query.get("$top") for c in tool.defender.calls("list")] == ["1"]
 
 
@@ -51,7 +46,7 @@ def test_check_names_the_fix_for_each_broken_piece(tool: Tool, breakage: str, st
     failed = [line for line in result.stdout.splitlines() if line.startswith("  ✗")]
     assert failed and failed[0].startswith(f"  ✗ {stage}:")
     assert fix_part in result.stdout
-    assert writes(tool) == []
+    assert tool.writes() == []
 
 
 def test_report_counts_match_what_defender_saw(tool: Tool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.util import m2d, make_settings
+from tests.util import m2d, make_candidate, make_settings
 
 NOW = 1_795_000_000.0
 DAY = 86400.0
@@ -14,15 +14,15 @@ CLIENT = "test-client"
 def candidate(value: str, *, type_: str = "DomainName", action: str = "Audit", severity: str = "Medium",
               expires_in_days: float | None = 90, lifetime: int = 90, title: str = "event",
               stamp: float = NOW) -> m2d.Candidate:
-    return m2d.Candidate(type_, value, action, severity,
-                         None if expires_in_days is None else NOW + expires_in_days * DAY, lifetime, title,
-                         "1", "uuid-1", "domain", "Network activity", "", stamp, True)
+    return make_candidate(value, indicator_type=type_, action=action, severity=severity, lifetime_days=lifetime,
+                          expiration=None if expires_in_days is None else NOW + expires_in_days * DAY, title=title,
+                          attribute_timestamp=stamp)
 
 
 def existing(id_: str, value: str, *, type_: str = "DomainName", action: str = "Audit", severity: str = "Medium",
              expires_in_days: float | None = 90, title: str = "event", owned: bool = True) -> m2d.Existing:
-    return m2d.Existing(id_, type_, value, action, severity, title,
-                        None if expires_in_days is None else NOW + expires_in_days * DAY, owned)
+    return m2d.Existing(id=id_, indicator_type=type_, value=value, action=action, severity=severity, title=title,
+                        expiration=None if expires_in_days is None else NOW + expires_in_days * DAY, owned=owned)
 
 
 def desired(*candidates: m2d.Candidate, retractions: dict | None = None) -> m2d.Desired:

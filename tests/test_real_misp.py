@@ -22,9 +22,6 @@ EVENT_03_ONLY = {
 }
 
 
-def owned(tool: Tool) -> set[tuple[str, str]]:
-    return {(t, v) for t, v, _ in tool.held()}
-
 
 # --- 1. --check on the default config ---------------------------------------------------------------
 
@@ -53,27 +50,27 @@ def test_a_misp_server_error_in_check_is_named_as_such(tool: Tool) -> None:
 
 def test_an_event_being_edited_keeps_its_indicators_until_it_is_deleted(tool: Tool) -> None:
     assert tool.run().code == 0
-    before = owned(tool)
+    before = tool.owned_keys()
     tool.misp.tag_event(EVENT_03, "analyst:note")  # any edit unpublishes the event
     assert tool.misp.events() and not next(e for e in tool.misp.events() if e["uuid"] == EVENT_03)["published"]
     edited = tool.run("--full-sync")
     assert edited.code == 0, edited.stderr
-    assert owned(tool) == before and edited.counts["deleted"] == 0
+    assert tool.owned_keys() == before and edited.counts["deleted"] == 0
     assert "kept as last published" in " ".join(edited.report["kept_by_reason"])
     tool.misp.remove_event(EVENT_03)
     gone = tool.run("--full-sync")
-    assert gone.code == 0 and owned(tool) == before - EVENT_03_ONLY
+    assert gone.code == 0 and tool.owned_keys() == before - EVENT_03_ONLY
 
 
 def test_a_retraction_inside_an_edit_takes_effect_at_the_republish(tool: Tool) -> None:
     assert tool.run().code == 0
     tool.misp.set_attribute(ATTR_40103_IP, to_ids=False)  # event 01 is now unpublished
     waiting = tool.run("--full-sync")
-    assert waiting.code == 0 and ("IpAddress", "46.101.155.38") in owned(tool)
+    assert waiting.code == 0 and ("IpAddress", "46.101.155.38") in tool.owned_keys()
     tool.misp.publish(EVENT_01)
     republished = tool.run(misp_event_filters={**TEST_FILTERS, "publish_timestamp": "1h"})
     assert republished.code == 0, republished.stderr
-    assert ("IpAddress", "46.101.155.38") not in owned(tool)
+    assert ("IpAddress", "46.101.155.38") not in tool.owned_keys()
     assert republished.report["deleted_by_reason"] == {"retracted: to_ids turned off": 1}
 
 
@@ -95,7 +92,7 @@ def test_sites_that_want_removal_on_unpublish_can_have_it(tool: Tool) -> None:
     assert tool.run().code == 0
     tool.misp.unpublish(EVENT_03)
     result = tool.run("--full-sync", keep_unpublished_edits=False)
-    assert result.code == 0 and not owned(tool) & EVENT_03_ONLY
+    assert result.code == 0 and not tool.owned_keys() & EVENT_03_ONLY
 
 
 # --- 3. Server errors never leak a session cookie --------------------------------------------------
@@ -139,4 +136,4 @@ def test_values_normalised_by_misp_on_insert_sync_as_expected(tool: Tool) -> Non
     assert len(tool.misp.dropped_on_insert) == 2  # invalid hash and wildcard dropped silently, as MISP does
     result = tool.run()
     assert result.code == 0, result.stderr
-    assert {("DomainName", "inserted-domain.top"), ("IpAddress", "2a01:4f8:0:0:0:0:0:42")} <= owned(tool)
+    assert {("DomainName", "inserted-domain.top"), ("IpAddress", "2a01:4f8:0:0:0:0:0:42")} <= tool.owned_keys()

@@ -6,9 +6,8 @@ import datetime as dt
 
 import pytest
 
-from tests.conftest import TEST_CLIENT_ID
 from tests.harness import TEST_FILTERS, Tool
-from tests.test_sync import SAMPLE_KEYS
+from tests.util import SAMPLE_KEYS, TEST_CLIENT_ID
 
 EVENT_01, EVENT_03, EVENT_05 = ("c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e", "37018e28-4d6a-4ace-9e41-009656db4192",
                                 "15afa931-ee80-4ed3-a33a-362d2912554e")
@@ -37,9 +36,6 @@ FOREIGN = [
 
 FOREIGN_KEYS = {(f["indicatorType"], f["indicatorValue"]) for f in FOREIGN}  # covered by others: never ours
 
-
-def owned(tool: Tool) -> set[tuple[str, str]]:
-    return {(t, v) for t, v, _ in tool.held()}
 
 
 def deleted_ids(tool: Tool) -> list[str]:
@@ -73,7 +69,7 @@ def test_normal_run_removes_retracted_values_unless_another_selected_attribute_c
     assert result.code == 0, result.stderr
     assert result.counts["events"] == 1  # only the edited event is in the window
     assert set(deleted_ids(tool)) == expected_deletes
-    assert owned(tool) == SAMPLE_KEYS - FOREIGN_KEYS - retracted
+    assert tool.owned_keys() == SAMPLE_KEYS - FOREIGN_KEYS - retracted
     assert tool.misp.calls("attributes"), "the still-carried value was checked with MISP"
     assert_foreign_untouched(tool, foreign)
 
@@ -91,7 +87,7 @@ def test_full_sync_removes_what_is_no_longer_selected(tool: Tool) -> None:
                       keep_unpublished_edits=False)
     assert result.code == 0, result.stderr
     assert set(deleted_ids(tool)) == expected_deletes
-    assert owned(tool) == SAMPLE_KEYS - FOREIGN_KEYS - EVENT_03_ONLY - EVENT_05_ONLY
+    assert tool.owned_keys() == SAMPLE_KEYS - FOREIGN_KEYS - EVENT_03_ONLY - EVENT_05_ONLY
     # --full-sync dropped the time window: the events outside "1h" were read.
     assert result.counts["events"] == 3  # 01, 02 and 04: 03 unpublished, 05 gone, 06 and 07 never selected
     assert "publish_timestamp" not in tool.misp.calls("events")[-1].body
@@ -154,7 +150,7 @@ def test_mass_delete_guard_stops_before_deleting_and_force_proceeds(tool: Tool) 
     assert "remove_guard_percent" in result.stderr and "--force" in result.stderr
     forced = tool.run("--full-sync", "--force", misp_event_filters=only_event_05)
     assert forced.code == 0
-    assert owned(tool) == EVENT_05_ONLY | {("IpAddress", "91.215.85.147")}
+    assert tool.owned_keys() == EVENT_05_ONLY | {("IpAddress", "91.215.85.147")}
     assert forced.counts["deleted"] == 31
 
 
@@ -225,4 +221,4 @@ def test_a_retracted_value_still_carried_in_another_spelling_stays(tool: Tool) -
     result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert result.code == 0, result.stderr
     assert result.counts["events"] == 1 and deleted_ids(tool) == []
-    assert {("IpAddress", "2a01:4f8:c17:2b1:0:0:0:3"), ("DomainName", "mail.cdn-update-check.top")} <= owned(tool)
+    assert {("IpAddress", "2a01:4f8:c17:2b1:0:0:0:3"), ("DomainName", "mail.cdn-update-check.top")} <= tool.owned_keys()

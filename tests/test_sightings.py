@@ -12,9 +12,8 @@ import signal
 import pytest
 import requests
 
-from tests.conftest import MISP_KEY, TEST_CLIENT_ID
 from tests.harness import TEST_FILTERS, Tool
-from tests.test_sync import SAMPLE_KEYS
+from tests.util import MISP_KEY, SAMPLE_KEYS, TEST_CLIENT_ID
 
 SOURCE = "Microsoft Defender for Endpoint"
 FIRST_EVENT = "2026-12-01T08:30:15.1234567Z"
@@ -161,9 +160,9 @@ def test_hostile_alerts_never_crash_and_every_skipped_item_is_counted(tool: Tool
 
 def test_an_alert_in_one_tenant_never_sights_a_value_only_another_holds(tool: Tool, sightings_on: dict,
                                                                          pki) -> None:
-    from tests.conftest import DEFENDER_TIME_SCALE, TEST_CLIENT_SECRET, serving
     from tests.standins.defender import DefenderStandIn
     from tests.standins.entra import EntraStandIn
+    from tests.util import DEFENDER_TIME_SCALE, TEST_CLIENT_SECRET, serving
 
     with serving(EntraStandIn(pki, tenant="20000000-1111-4222-8333-444444444444",
                               clients={TEST_CLIENT_ID: TEST_CLIENT_SECRET})) as entra_b, \

@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import TEST_CLIENT_ID
 from tests.harness import Tool
+from tests.util import TEST_CLIENT_ID
 
 SEED = int(os.environ.get("MISP2DEFENDER_SOAK_SEED", "20261202"))
 RUNS = int(os.environ.get("MISP2DEFENDER_SOAK_RUNS", "50"))

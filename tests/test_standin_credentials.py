@@ -20,7 +20,12 @@ import msal.managed_identity
 import pytest
 import requests
 
-from tests.conftest import (
+from tests.standins.defender import DefenderStandIn
+from tests.standins.entra import FIC_AUDIENCE, JWT_BEARER, EntraStandIn, make_federated_assertion
+from tests.standins.identity import DEFAULT_SYSTEM_CLIENT_ID, ManagedIdentityStandIn, object_id_for
+from tests.standins.keyvault import KeyVaultStandIn
+from tests.standins.tls import PKI
+from tests.util import (
     DEFENDER_SCOPE,
     OTHER_CLIENT_ID,
     OTHER_CLIENT_SECRET,
@@ -28,11 +33,6 @@ from tests.conftest import (
     TEST_CLIENT_SECRET,
     serving,
 )
-from tests.standins.defender import DefenderStandIn
-from tests.standins.entra import FIC_AUDIENCE, JWT_BEARER, EntraStandIn, make_federated_assertion
-from tests.standins.identity import DEFAULT_SYSTEM_CLIENT_ID, ManagedIdentityStandIn, object_id_for
-from tests.standins.keyvault import KeyVaultStandIn
-from tests.standins.tls import PKI
 
 DEFENDER_RESOURCE = "https://api.securitycenter.microsoft.com"
 VAULT_RESOURCE = "https://vault.azure.net"

@@ -19,14 +19,6 @@ import msal
 import pytest
 import requests
 
-from tests.conftest import (
-    DEFENDER_SCOPE,
-    OTHER_CLIENT_ID,
-    OTHER_CLIENT_SECRET,
-    TEST_CLIENT_ID,
-    TEST_CLIENT_SECRET,
-    serving,
-)
 from tests.standins.defender import (
     EVIDENCE_KEYS,
     INDICATOR_TYPES,
@@ -36,6 +28,14 @@ from tests.standins.defender import (
 )
 from tests.standins.entra import EntraStandIn
 from tests.standins.tls import PKI
+from tests.util import (
+    DEFENDER_SCOPE,
+    OTHER_CLIENT_ID,
+    OTHER_CLIENT_SECRET,
+    TEST_CLIENT_ID,
+    TEST_CLIENT_SECRET,
+    serving,
+)
 
 READ_ALERTS = ("Ti.ReadWrite.All", "Alert.Read.All")
 ALERT_FIELDS = {

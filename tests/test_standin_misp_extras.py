@@ -16,8 +16,8 @@ import pymisp
 import pytest
 import requests
 
-from tests.conftest import serving
 from tests.standins.misp import COOKIE_NAME, DEFAULT_KEY, MispStandIn
+from tests.util import serving
 
 T0 = 1_700_000_000  # the stand-in's "now" in most tests
 DAY = 86_400

@@ -21,7 +21,12 @@ import pymisp
 import pytest
 import requests
 
-from tests.conftest import (
+from tests.standins.defender import DefenderStandIn
+from tests.standins.entra import EntraStandIn
+from tests.standins.misp import MispStandIn, load_events
+from tests.standins.otx import OtxStandIn
+from tests.standins.tls import PKI
+from tests.util import (
     DEFENDER_SCOPE,
     DEFENDER_TIME_SCALE,
     MISP_KEY,
@@ -32,12 +37,8 @@ from tests.conftest import (
     TEST_CLIENT_SECRET,
     TEST_TENANT,
     serving,
+    wait_for,
 )
-from tests.standins.defender import DefenderStandIn
-from tests.standins.entra import EntraStandIn
-from tests.standins.misp import MispStandIn, load_events
-from tests.standins.otx import OtxStandIn
-from tests.standins.tls import PKI
 
 SHA256 = "a" * 64
 
@@ -124,14 +125,6 @@ def event(n: int, *, published: bool = True, tags: Sequence[str] = ("tlp:white",
 def attr(uuid_n: int, atype: str, value: str, **extra: Any) -> dict[str, Any]:
     return {"uuid": f"20000000-0000-4000-8000-{uuid_n:012d}", "type": atype, "value": value, "to_ids": True, **extra}
 
-
-def wait_for(predicate: Any, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # ----------------------------------------------------------------------- Entra

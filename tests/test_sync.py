@@ -3,59 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_EVENTS_DIR, TEST_CLIENT_ID, serving
 from tests.harness import Tool
 from tests.standins.misp import MispStandIn
-
-WRITES = ("import", "submit", "delete", "batch_delete")
-
-# The sample events in tests/data, as tests/data/README.md tabulates them (default filters,
-# vetted-only mode on event 04, warninglist enforced). Certificate thumbprints are rejected under
-# the default Audit action: Defender's certificate indicators take only Allowed/BlockAndRemediate.
-SAMPLE_KEYS = {
-    ("IpAddress", "185.225.17.88"), ("IpAddress", "91.215.85.147"), ("IpAddress", "46.101.155.38"),
-    ("IpAddress", "2a01:4f8:c17:2b1:0:0:0:3"), ("DomainName", "evil-domain.top"),
-    ("DomainName", "login-verify-account.xyz"), ("DomainName", "mail.cdn-update-check.top"),
-    ("Url", "http://cdn-update-check.top/wp-content/plugins/wpx-cache/loader.php"),
-    ("FileSha256", "d2f1da0889b90a130e36f0da535bd9b6fd299e2f9573e6a627a5c540997ab424"),
-    ("FileSha256", "bb9008e38301becb5406cdbd3f88f5f789ad9c82b43a750cfc2592a783fc3d92"),
-    ("IpAddress", "194.87.31.12"),
-    ("Url", "http://secure-login-portal.site/office365/auth.php"), ("DomainName", "secure-login-portal.site"),
-    ("DomainName", "xn--bcher-update-dlb.top"), ("DomainName", "auth.secure-login-portal.site"),
-    ("DomainName", "office-docs-share.xyz"), ("IpAddress", "5.188.86.172"),
-    ("Url", "https://docs-share-files.online/view?doc=INV-2026-1188"), ("IpAddress", "193.42.33.7"),
-    ("Url", "https://www.login-verify-account.xyz/owa/auth/logon.aspx?replaceCurrent=1"),
-    ("DomainName", "www.login-verify-account.xyz"),
-    ("FileMd5", "3e7188e69da07334aa862af04851634f"), ("FileSha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8"),
-    ("FileMd5", "5944c615e31c1482bdcc3cbcfa769e4a"), ("FileSha1", "a9f51651341103926ed17ac5363f755beaa2cfe5"),
-    ("FileMd5", "d0a9bf3ef7dc08b615e2daf165b035f8"), ("FileSha1", "4c08199ea3ef9d62d1298d97676558f2d3c7994a"),
-    ("FileSha256", "b7606bb122de9d77f58125ba3052b9035b39d837277128d5d71dc49d77189dff"),
-    ("IpAddress", "141.98.10.61"), ("DomainName", "update-service-cdn.xyz"),
-    ("FileSha256", "9fa1a3791607155b9fa2813741369ded4b987375f82e7a6d4f817fb78b7857a1"), ("IpAddress", "80.66.88.145"),
-    ("IpAddress", "179.43.187.30"), ("DomainName", "cs-teamserver.cloud-sync-status.top"),
-    ("IpAddress", "2a0b:f4c2:2:0:0:0:0:1"), ("Url", "https://cloud-sync-status.top/jquery-3.3.1.min.js"),
-}
-assert len(SAMPLE_KEYS) == 36
-
-
-def writes(tool: Tool) -> list:
-    return [c for c in tool.defender.calls() if c.endpoint in WRITES]
-
-
-def owned_keys(tool: Tool) -> set[tuple[str, str]]:
-    return {(t, v) for t, v, _ in tool.held()}
+from tests.util import SAMPLE_KEYS, SHARED_EVENTS_DIR, TEST_CLIENT_ID, distinct_sha256_events, serving
 
 
 def test_sample_events_sync_and_refused_values_never_reach_defender(tool: Tool) -> None:
     result = tool.run()
     assert result.code == 0, result.stderr
-    held = owned_keys(tool)
+    held = tool.owned_keys()
     assert held == SAMPLE_KEYS and result.counts["created"] == 36
     sent = [item["indicatorValue"] for call in tool.defender.calls("import") for item in call.body["Indicators"]]
     for refused in ("10.1.2.3", "127.0.0.1", "45.133.1.0/24", "192.168.14.7", "224.0.0.251", "::1", "",
@@ -71,9 +32,9 @@ def test_sample_events_sync_and_refused_values_never_reach_defender(tool: Tool) 
 
 def test_second_run_with_nothing_changed_writes_nothing_even_with_current_date(tool: Tool) -> None:
     assert tool.run().code == 0
-    before = len(writes(tool))
+    before = len(tool.writes())
     second = tool.run()
-    assert second.code == 0 and len(writes(tool)) == before
+    assert second.code == 0 and len(tool.writes()) == before
     assert second.counts["kept"] == 36 and second.counts["updated"] == 0
 
 
@@ -81,7 +42,7 @@ def test_second_run_with_nothing_changed_writes_nothing_even_with_current_date(t
 def test_dry_run_writes_nothing(tool: Tool, how: str) -> None:
     result = tool.run("--dry-run") if how == "flag" else tool.run(dry_run=True)
     assert result.code == 0
-    assert writes(tool) == [] and tool.defender.calls("list")
+    assert tool.writes() == [] and tool.defender.calls("list")
     assert "+ create (36)" in result.stdout and "dry run" in result.stdout
 
 
@@ -96,7 +57,7 @@ def test_indicators_from_other_applications_are_neither_duplicated_nor_changed(t
     assert tool.run().code == 0
     # The same-action one covers the value: no second indicator. The Allowed one is another
     # policy on the value (Allowed beats Block in Defender): it is left alone and not duplicated.
-    assert owned_keys(tool) == SAMPLE_KEYS - {("DomainName", "evil-domain.top"), ("IpAddress", "185.225.17.88")}
+    assert tool.owned_keys() == SAMPLE_KEYS - {("DomainName", "evil-domain.top"), ("IpAddress", "185.225.17.88")}
     assert {i: tool.defender.indicators[i] for i in before} == before
     assert tool.run("--full-sync", force=True).code == 0  # not even a full sync touches them
     assert {i: tool.defender.indicators[i] for i in before} == before
@@ -111,7 +72,7 @@ def test_bad_config_exits_2_before_any_network_call_naming_the_key(tool: Tool) -
 def test_wrong_misp_key_exits_2_naming_the_credential(tool: Tool) -> None:
     result = tool.run(misp_key="not-the-key")
     assert result.code == 2 and "misp_key" in result.stderr and "MISP rejected the API key" in result.stderr
-    assert writes(tool) == []
+    assert tool.writes() == []
 
 
 def test_wrong_client_secret_exits_2_naming_the_credential(tool: Tool) -> None:
@@ -119,19 +80,6 @@ def test_wrong_client_secret_exits_2_naming_the_credential(tool: Tool) -> None:
     result = tool.run(graph_auth=graph_auth)
     assert result.code == 2 and "client secret" in result.stderr and "AADSTS7000215" in result.stderr
     assert tool.defender.calls() == [] and tool.misp.calls("events") == []
-
-
-def distinct_sha256_events(count: int, per_event: int = 250) -> list[dict]:
-    """Events carrying ``count`` distinct sha256 values (the test's own corpus)."""
-    events = []
-    for start in range(0, count, per_event):
-        attributes = [{"uuid": f"00000000-0000-4000-8000-{n:012d}", "type": "sha256", "category": "Payload delivery",
-                       "to_ids": True, "value": hashlib.sha256(f"sample-{n}".encode()).hexdigest()}
-                      for n in range(start, min(start + per_event, count))]
-        events.append({"Event": {"uuid": f"10000000-0000-4000-8000-{start:012d}", "info": f"bulk {start}",
-                                 "published": True, "Tag": [{"name": 'workflow:state="complete"'}],
-                                 "Attribute": attributes}})
-    return events
 
 
 def test_imports_never_exceed_500_items_or_quota_requests_per_minute(tool: Tool) -> None:
@@ -214,7 +162,7 @@ def test_large_reads_are_shared_with_a_helper_process_and_give_the_same_result(t
     shared = tool.run(misp_event_limit_per_page=1)  # five full pages: a helper reader starts
     assert shared.code == 0, shared.stderr
     assert len(tool.misp.calls("me")) == 3  # one more connection for this run's helper
-    assert owned_keys(tool) == SAMPLE_KEYS
+    assert tool.owned_keys() == SAMPLE_KEYS
     for count in ("events", "attributes", "candidates", "duplicates", "rejected"):
         assert shared.counts[count] == single.counts[count], count
     assert shared.report["rejected_by_reason"] == single.report["rejected_by_reason"]
@@ -224,7 +172,7 @@ def test_a_forked_helper_reader_in_a_plain_process_gives_the_same_result(tool: T
     child, report = tool.spawn(misp_event_limit_per_page=2)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err
-    assert owned_keys(tool) == SAMPLE_KEYS
+    assert tool.owned_keys() == SAMPLE_KEYS
     assert json.loads(report.read_text())["counts"]["duplicates"] == 5
     assert len(tool.misp.calls("me")) == 2
 
@@ -236,9 +184,9 @@ def test_api_calls_are_the_minimum_for_a_fixed_scenario(tool: Tool) -> None:
     assert first.code == 0 and first.counts["created"] == 1234
     assert len(tool.defender.calls("import")) == 3  # ceil(1234 / 500)
     assert len(tool.defender.calls("list")) == 1  # one page holds everything
-    before = len(writes(tool))
+    before = len(tool.writes())
     idle = tool.run(max_indicators_per_query=500)
-    assert idle.code == 0 and len(writes(tool)) == before  # nothing changed: no write at all
+    assert idle.code == 0 and len(tool.writes()) == before  # nothing changed: no write at all
     assert len(tool.defender.calls("list")) == 2
 
 

@@ -13,18 +13,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import (
+from tests.harness import Tool
+from tests.standins.defender import DefenderStandIn
+from tests.standins.entra import EntraStandIn
+from tests.util import (
     DEFENDER_TIME_SCALE,
     OTHER_CLIENT_ID,
     OTHER_CLIENT_SECRET,
+    SAMPLE_KEYS,
     TEST_CLIENT_ID,
     TEST_CLIENT_SECRET,
     serving,
 )
-from tests.harness import Tool
-from tests.standins.defender import DefenderStandIn
-from tests.standins.entra import EntraStandIn
-from tests.test_sync import SAMPLE_KEYS
 
 EVENT_03_ONLY = {
     ("FileMd5", "3e7188e69da07334aa862af04851634f"), ("FileSha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8"),

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MISP_KEY, TEST_CLIENT_ID, serving
 from tests.harness import TEST_FILTERS, Tool
 from tests.standins.misp import MispStandIn
 from tests.standins.otx import OtxStandIn
-from tests.util import m2d
+from tests.util import MISP_KEY, TEST_CLIENT_ID, m2d, make_candidate, serving, wait_for
 
 EVENT_03 = "37018e28-4d6a-4ace-9e41-009656db4192"
 ATTR_40103_IP = "cc1317cf-5a8f-48b9-bb20-2b086aa45cde"  # 46.101.155.38, event 01 only
@@ -31,9 +30,6 @@ EVENT_03_ONLY = {
 }
 SAMPLE_COUNT = 36  # keys the sample events give under the default config (tests/data/README.md)
 
-
-def owned(tool: Tool) -> set[tuple[str, str]]:
-    return {(t, v) for t, v, _ in tool.held()}
 
 
 def deletes(tool: Tool) -> list:
@@ -53,12 +49,12 @@ ODD_SHAPES = [{"response": {}}, {}, {"response": None}, {"message": "Internal er
                                                   "message"])
 def test_an_odd_misp_answer_deletes_nothing_even_with_force(tool: Tool, body: dict) -> None:
     assert tool.run().code == 0
-    before = owned(tool)
+    before = tool.owned_keys()
     assert len(before) == SAMPLE_COUNT
     tool.misp.inject("events", status=200, body=body, times=100)
     result = tool.run("--full-sync", "--force", remove_guard_percent=100)
     assert result.code == 1
-    assert deletes(tool) == [] and owned(tool) == before
+    assert deletes(tool) == [] and tool.owned_keys() == before
     assert "not a list of events" in result.report["misp_error"]
     assert "nothing will be deleted" in result.stderr
 
@@ -72,7 +68,7 @@ def test_an_odd_page_in_the_middle_of_a_read_deletes_nothing(tool: Tool) -> None
     tool.misp.inject("events", status=200, body={"response": {}}, times=100, match=page_2)
     result = tool.run("--full-sync", misp_event_limit_per_page=1, remove_guard_percent=100)
     assert result.code == 1
-    assert deletes(tool) == [] and len(owned(tool)) == SAMPLE_COUNT
+    assert deletes(tool) == [] and len(tool.owned_keys()) == SAMPLE_COUNT
     assert "page 2" in result.report["misp_error"] and "an empty object" in result.report["misp_error"]
 
 
@@ -83,7 +79,7 @@ def test_an_odd_answer_to_the_value_check_means_unknown_never_not_carried(tool: 
     tool.misp.inject("attributes", status=200, body={"response": None}, times=100)  # ...if MISP confirms
     result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert result.code == 1
-    assert deletes(tool) == [] and ("IpAddress", "46.101.155.38") in owned(tool)
+    assert deletes(tool) == [] and ("IpAddress", "46.101.155.38") in tool.owned_keys()
     assert "value check" in result.report["misp_error"]
     assert "not a list of attributes" in result.report["misp_error"]
 
@@ -92,14 +88,14 @@ def test_an_odd_answer_to_the_value_check_means_unknown_never_not_carried(tool: 
 
 def test_an_event_sliding_to_an_earlier_page_during_a_full_sync_keeps_its_indicators(tool: Tool) -> None:
     assert tool.run().code == 0
-    before = owned(tool)
+    before = tool.owned_keys()
     # After the second page has been served, event 01 (page 1, already read) is deleted: every later
     # event slides one page back, so one of them is never read in this run.
     tool.misp.after("events", 2, lambda: tool.misp.remove_event("c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"))
     result = tool.run("--full-sync", misp_event_limit_per_page=1, remove_guard_percent=100)
     assert result.code == 0, result.stderr
     assert result.counts["events"] == 4  # five selected at the start; one of them slid past the reader
-    assert deletes(tool) == [] and owned(tool) == before  # the unread event's values were confirmed
+    assert deletes(tool) == [] and tool.owned_keys() == before  # the unread event's values were confirmed
     assert result.report["kept_by_reason"]["still carried by a selected MISP attribute"] >= 1
     # Event 01 was read before it left; the next full sync sees it gone and removes its own values.
     event_01_only = {("IpAddress", "185.225.17.88"), ("IpAddress", "46.101.155.38"),
@@ -108,7 +104,7 @@ def test_an_event_sliding_to_an_earlier_page_during_a_full_sync_keeps_its_indica
                      ("FileSha256", "bb9008e38301becb5406cdbd3f88f5f789ad9c82b43a750cfc2592a783fc3d92"),
                      ("IpAddress", "194.87.31.12")}
     assert tool.run("--full-sync", remove_guard_percent=100).code == 0
-    assert owned(tool) == before - event_01_only
+    assert tool.owned_keys() == before - event_01_only
 
 
 # --- 3. A replacement never lands on a foreign indicator -----------------------------------------
@@ -163,13 +159,13 @@ def vetted_event() -> dict:
 def test_a_retracted_vetted_value_goes_although_an_unvetted_copy_remains(tool: Tool) -> None:
     tool.misp.add_event(vetted_event())
     assert tool.run().code == 0
-    assert ("DomainName", "vetted-copy.top") in owned(tool)
+    assert ("DomainName", "vetted-copy.top") in tool.owned_keys()
     tool.misp.set_attribute("70000000-0000-4000-8000-000000000011", to_ids=False)
     tool.misp.publish_event_of("70000000-0000-4000-8000-000000000011")
     result = tool.run(misp_event_filters={**TEST_FILTERS, "timestamp": "1h"})
     assert result.code == 0, result.stderr
     assert tool.misp.calls("attributes"), "the value was checked with MISP"
-    assert ("DomainName", "vetted-copy.top") not in owned(tool)  # the unvetted copy does not count
+    assert ("DomainName", "vetted-copy.top") not in tool.owned_keys()  # the unvetted copy does not count
 
 
 # --- 5. The helper reader never outlives its parent ---------------------------------------------
@@ -193,14 +189,6 @@ def gone(pid: int) -> bool:
     except OSError:
         return True
 
-
-def wait_for(condition, seconds: float = 15.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.slow
@@ -234,7 +222,7 @@ def test_killing_a_run_leaves_no_helper_and_the_next_run_starts(tool: Tool, when
     result = tool.run()
     assert result.code == 0, result.stderr
     assert time.monotonic() - started < 10
-    assert len(owned(tool)) == SAMPLE_COUNT
+    assert len(tool.owned_keys()) == SAMPLE_COUNT
 
 
 # --- 6. Bounded waits ------------------------------------------------------------------------------
@@ -249,7 +237,7 @@ def test_a_retry_after_of_a_day_is_never_slept(tool: Tool, retry_after: str) -> 
     assert "max_retry_wait" in result.stderr and "left for the next run" in result.stderr
     assert len(tool.defender.calls("import")) == 1  # the endpoint was left alone after that answer
     assert result.counts["failed"] == SAMPLE_COUNT
-    assert tool.run().code == 0 and len(owned(tool)) == SAMPLE_COUNT  # the next run does the work
+    assert tool.run().code == 0 and len(tool.owned_keys()) == SAMPLE_COUNT  # the next run does the work
 
 
 def test_a_5xx_with_a_long_retry_after_is_not_waited_either(tool: Tool) -> None:
@@ -300,15 +288,10 @@ def test_over_the_cap_the_plan_settles_and_the_exit_code_is_only_about_what_is_l
 
 
 def test_the_duplicate_rule_does_not_depend_on_what_defender_holds() -> None:
-    from tests.util import make_settings
-
-    settings = make_settings()
-    block = m2d.Candidate("DomainName", "x.top", "Block", "Medium", 1.0e9, 90, "t", "1", "a", "domain", "", "",
-                          1.0e8, False)
-    audit = m2d.Candidate("DomainName", "x.top", "Audit", "Medium", 2.0e9, 90, "t", "2", "b", "domain", "", "",
-                          1.0e8, True)
-    filler = [m2d.Candidate("DomainName", f"f{n}.top", "Block", "High", 1.0e9, 90, "t", "3", "c", "domain", "",
-                            "", 1.0e8, False) for n in range(3)]
+    block = make_candidate("x.top", action="Block", expiration=1.0e9, event_id="1", generate_alert=False)
+    audit = make_candidate("x.top", action="Audit", expiration=2.0e9, event_id="2", generate_alert=True)
+    filler = [make_candidate(f"f{n}.top", action="Block", severity="High", expiration=1.0e9, event_id="3")
+              for n in range(3)]
     for interesting in (frozenset(), frozenset({("DomainName", "x.top")})):
         for order in ([block, audit, *filler], [audit, *filler, block], [*filler, audit, block]):
             desired = m2d.Desired(interesting=interesting, room=3)
@@ -318,14 +301,13 @@ def test_the_duplicate_rule_does_not_depend_on_what_defender_holds() -> None:
             kept = desired.candidates.get(("DomainName", "x.top"))
             assert kept is None or kept.action == "Block", (interesting, [c.action for c in order])
     assert m2d.stronger(block, audit) is block and m2d.stronger(audit, block) is block
-    del settings
 
 
 # --- 8. Action changes at the cap land ----------------------------------------------------------
 
 def test_action_changes_at_the_cap_land_and_take_precedence_over_new_values(tool: Tool) -> None:
     assert tool.run(defender_action="Audit", defender_max_indicators=38).code == 0
-    assert len(owned(tool)) == SAMPLE_COUNT  # 2 slots free
+    assert len(tool.owned_keys()) == SAMPLE_COUNT  # 2 slots free
     result = tool.run(defender_action="Block", defender_max_indicators=38)
     assert result.counts["failed"] == 0, result.report["failed"]
     assert result.code == 1  # the two certificates Block admits find no room: left out, nothing failed
@@ -333,7 +315,7 @@ def test_action_changes_at_the_cap_land_and_take_precedence_over_new_values(tool
     assert {item["type"] for item in result.report["left_out_items"]} == {"CertificateThumbprint"}
     held = tool.held()
     passive = {("FileSha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8"), ("IpAddress", "179.43.187.30")}
-    assert {(t, v) for t, v, _ in held} == owned(tool) and len(held) == SAMPLE_COUNT  # one per value
+    assert {(t, v) for t, v, _ in held} == tool.owned_keys() and len(held) == SAMPLE_COUNT  # one per value
     assert {(t, v) for t, v, a in held if a != "Block"} == passive
     # 28 values change action; the 6 tagged course-of-action:active were Block already. Two
     # replacements took the two free slots; the other 26 deleted their old indicator first.

@@ -38,21 +38,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import (  # noqa: E402
+from tests.benchmarks.corpus import SyntheticCorpus  # noqa: E402
+from tests.standins.defender import DefenderStandIn  # noqa: E402
+from tests.standins.entra import EntraStandIn  # noqa: E402
+from tests.standins.misp import MispStandIn  # noqa: E402
+from tests.standins.otx import OtxStandIn  # noqa: E402
+from tests.standins.tls import PKI, make_test_pki  # noqa: E402
+from tests.util import (  # noqa: E402
     MISP_KEY,
     OTX_KEY,
     TEST_CLIENT_ID,
     TEST_CLIENT_SECRET,
     TEST_TENANT,
     serving,
+    write_config,  # noqa: E402
 )
-from tests.standins.corpus import SyntheticCorpus  # noqa: E402
-from tests.standins.defender import DefenderStandIn  # noqa: E402
-from tests.standins.entra import EntraStandIn  # noqa: E402
-from tests.standins.misp import MispStandIn  # noqa: E402
-from tests.standins.otx import OtxStandIn  # noqa: E402
-from tests.standins.tls import PKI, make_test_pki  # noqa: E402
-from tests.util import write_config  # noqa: E402
 
 WRITES = ("import", "batch_delete", "delete", "submit")
 FILTERS = {"published": True, "tags": ['workflow:state="complete"']}

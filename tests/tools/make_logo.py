@@ -8,7 +8,7 @@ filtered down (supersampling anti-aliasing).  The PNG is written by hand with ``
 
 Usage::
 
-    python tests/make_logo.py [output.png]      # default: misp2defender_small.png at the repo root
+    python tests/tools/make_logo.py [output.png]      # default: misp2defender_small.png at the repo root
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def png_bytes(rows: list[bytes], width: int, height: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent / "misp2defender_small.png"
+    out = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parents[2] / "misp2defender_small.png"
     out.write_bytes(png_bytes(draw(), W, H))
     print(f"wrote {out} ({W}x{H}, {out.stat().st_size} bytes)")
     return 0

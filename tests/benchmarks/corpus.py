@@ -28,7 +28,7 @@ What an event looks like:
   link-local, shared, documentation, multicast and reserved ranges; hashes are hex digests of
   ``(seed, family, index)``; domains are made-up names under public TLDs.
 
-Nothing here touches the network or the file system.  Run ``python tests/standins/corpus.py`` for
+Nothing here touches the network or the file system.  Run ``python tests/benchmarks/corpus.py`` for
 a sample event and timings.
 """
 
