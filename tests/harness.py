@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import pty
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -93,6 +94,25 @@ class Tool:
         return child, report
 
     # What Defender ends up holding, from the stand-in's own state.
+    def run_in_terminal(self, *args: str, **overrides: Any) -> tuple[int, str]:
+        """The script under a pseudo-terminal, as an admin runs it by hand: (exit code, what the terminal showed)."""
+        leader, follower = pty.openpty()
+        child = subprocess.Popen(
+            [sys.executable, str(ROOT / "misp2defender.py"), "--config", str(self.config(**overrides)), *args],
+            stdout=follower, stderr=subprocess.DEVNULL, cwd=self.tmp, env=dict(os.environ))
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closes when the child exits
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(leader)
+        return child.wait(timeout=60), output.decode(errors="replace")
+
     def held(self, owned_only: bool = True) -> set[tuple[str, str, str]]:
         return {(i["indicatorType"], i["indicatorValue"], i["action"]) for i in self.defender.active()
                 if not owned_only or i.get("createdBy") == TEST_CLIENT_ID}

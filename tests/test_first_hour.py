@@ -4,7 +4,6 @@ report, progress on a terminal only, one clear error, the sandbox leaving its wo
 from __future__ import annotations
 
 import os
-import pty
 import stat
 import subprocess
 import sys
@@ -12,26 +11,6 @@ from pathlib import Path
 
 from tests.harness import TEST_FILTERS, Tool
 from tests.util import ROOT
-
-
-def run_in_terminal(tool: Tool, *args: str) -> tuple[int, str]:
-    """The script under a pseudo-terminal, as an admin runs it by hand: (exit code, what the terminal showed)."""
-    leader, follower = pty.openpty()
-    child = subprocess.Popen([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(tool.config()), *args],
-                             stdout=follower, stderr=subprocess.DEVNULL, cwd=tool.tmp, env=dict(os.environ))
-    os.close(follower)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closes when the child exits
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(leader)
-    return child.wait(timeout=60), output.decode(errors="replace")
-
 
 # --- 1. --check in stages ------------------------------------------------------------------------
 
@@ -94,7 +73,7 @@ def test_the_report_keeps_the_counts_exact_when_it_lists_only_some(tool: Tool) -
 # --- 4. Progress on a terminal, never in a pipe ---------------------------------------------------
 
 def test_progress_shows_on_a_terminal_and_never_in_a_pipe(tool: Tool) -> None:
-    code, shown = run_in_terminal(tool)
+    code, shown = tool.run_in_terminal()
     assert code == 0
     assert "\r\x1b[KMISP: page 1 read" in shown and "Defender: listing the indicators it holds" in shown
     assert "Defender: 0 of 36 indicators written" in shown
@@ -108,7 +87,7 @@ def test_quiet_prints_only_errors_and_the_summary(tool: Tool) -> None:
     result = tool.run("-q", defender_actoin="Block")
     assert result.stderr == ""  # the typo warning is a warning: -q keeps it in the log only
     assert result.stdout.count("\n") == 1 and result.stdout.startswith("misp2defender: 5 events")
-    code, shown = run_in_terminal(tool, "-q")
+    code, shown = tool.run_in_terminal("-q")
     assert code == 0 and "\x1b[K" not in shown
 
 

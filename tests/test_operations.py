@@ -177,30 +177,8 @@ def test_check_tests_the_otx_key_when_otx_is_on(tool: Tool, pki) -> None:
 
 
 def test_a_terminal_gets_a_summary_table(tool: Tool) -> None:
-    import os
-    import pty
-    import subprocess
-    import sys
-
-    from tests.util import ROOT
-
-    leader, follower = pty.openpty()
-    config = tool.config()
-    child = subprocess.Popen([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(config)],
-                             stdout=follower, stderr=subprocess.DEVNULL, cwd=tool.tmp, env=dict(os.environ))
-    os.close(follower)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closes when the child exits
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(leader)
-    assert child.wait(timeout=60) == 0
-    text = output.decode()
+    code, text = tool.run_in_terminal()
+    assert code == 0
     assert "  created        36\r\n" in text and "  rejected       15\r\n" in text
     assert "    rejected: 7 private or reserved" in text
     piped = tool.run()

@@ -37,7 +37,6 @@ FOREIGN = [
 FOREIGN_KEYS = {(f["indicatorType"], f["indicatorValue"]) for f in FOREIGN}  # covered by others: never ours
 
 
-
 def deleted_ids(tool: Tool) -> list[str]:
     return [i for call in tool.defender.calls("batch_delete", status=204) for i in call.body["IndicatorIds"]]
 

@@ -126,7 +126,6 @@ def attr(uuid_n: int, atype: str, value: str, **extra: Any) -> dict[str, Any]:
     return {"uuid": f"20000000-0000-4000-8000-{uuid_n:012d}", "type": atype, "value": value, "to_ids": True, **extra}
 
 
-
 # ----------------------------------------------------------------------- Entra
 def test_msal_secret_token_is_jwt_shaped_and_cached(entra: EntraStandIn, pki: PKI) -> None:
     app = msal_app(entra, pki)

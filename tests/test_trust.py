@@ -17,19 +17,17 @@ import pytest
 from tests.harness import TEST_FILTERS, Tool
 from tests.standins.misp import MispStandIn
 from tests.standins.otx import OtxStandIn
-from tests.util import MISP_KEY, TEST_CLIENT_ID, m2d, make_candidate, serving, wait_for
+from tests.util import (
+    ATTR_40103_IP,
+    MISP_KEY,
+    TEST_CLIENT_ID,
+    m2d,
+    make_candidate,
+    serving,
+    wait_for,
+)
 
-EVENT_03 = "37018e28-4d6a-4ace-9e41-009656db4192"
-ATTR_40103_IP = "cc1317cf-5a8f-48b9-bb20-2b086aa45cde"  # 46.101.155.38, event 01 only
-# Keys carried only by event 03 (its sha256 d2f1da08… is also in event 01).
-EVENT_03_ONLY = {
-    ("FileMd5", "3e7188e69da07334aa862af04851634f"), ("FileSha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8"),
-    ("FileMd5", "5944c615e31c1482bdcc3cbcfa769e4a"), ("FileSha1", "a9f51651341103926ed17ac5363f755beaa2cfe5"),
-    ("FileMd5", "d0a9bf3ef7dc08b615e2daf165b035f8"), ("FileSha1", "4c08199ea3ef9d62d1298d97676558f2d3c7994a"),
-    ("FileSha256", "b7606bb122de9d77f58125ba3052b9035b39d837277128d5d71dc49d77189dff"),
-}
 SAMPLE_COUNT = 36  # keys the sample events give under the default config (tests/data/README.md)
-
 
 
 def deletes(tool: Tool) -> list:
@@ -188,7 +186,6 @@ def gone(pid: int) -> bool:
         return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return True
-
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlencode
@@ -1084,17 +1084,30 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
+def _odata_clauses(text: str, clause: re.Pattern[str]) -> Iterator[re.Match[str]]:
+    """Each ``clause`` of an OData ``$filter`` joined by ``and``; ValueError at the first syntax error."""
+    pos = 0
+    while True:
+        m = clause.match(text, pos)
+        if not m:
+            raise ValueError(f"syntax error at position {pos} in '{text}'.")
+        yield m
+        pos = m.end()
+        if pos == len(text):
+            return
+        m_and = _ODATA_AND.match(text, pos)
+        if not m_and:
+            raise ValueError(f"syntax error at position {pos} in '{text}'.")
+        pos = m_and.end()
+
+
 def _parse_filter(text: str) -> Callable[[dict[str, Any]], bool]:
     """Compile the supported OData subset into a predicate; ValueError otherwise."""
     text = text.strip()
     if not text:
         return lambda _ind: True
     clauses: list[tuple[str, Any]] = []
-    pos = 0
-    while True:
-        m = _ODATA_CLAUSE.match(text, pos)
-        if not m:
-            raise ValueError(f"syntax error at position {pos} in '{text}'.")
+    for m in _odata_clauses(text, _ODATA_CLAUSE):
         name, string, boolean = m.group(1), m.group(2), m.group(3)
         if name == "generateAlert":
             if boolean is None:
@@ -1106,13 +1119,6 @@ def _parse_filter(text: str) -> Callable[[dict[str, Any]], bool]:
             clauses.append((name, string.replace("''", "'")))
         else:
             raise ValueError(f"filtering on '{name}' is not supported.")
-        pos = m.end()
-        if pos == len(text):
-            break
-        m_and = _ODATA_AND.match(text, pos)
-        if not m_and:
-            raise ValueError(f"syntax error at position {pos} in '{text}'.")
-        pos = m_and.end()
 
     def predicate(ind: dict[str, Any]) -> bool:
         return all(ind.get(name) == value for name, value in clauses)
@@ -1139,11 +1145,7 @@ def _parse_alert_filter(text: str) -> Callable[[dict[str, Any]], bool]:
     if not text:
         return lambda _alert: True
     tests: list[Callable[[dict[str, Any]], bool]] = []
-    pos = 0
-    while True:
-        m = _ALERT_CLAUSE.match(text, pos)
-        if not m:
-            raise ValueError(f"syntax error at position {pos} in '{text}'.")
+    for m in _odata_clauses(text, _ALERT_CLAUSE):
         name, op, literal = m.groups()
         if name in ALERT_TIME_FILTERS:
             if op not in ("ge", "gt"):
@@ -1164,13 +1166,6 @@ def _parse_alert_filter(text: str) -> Callable[[dict[str, Any]], bool]:
             tests.append(lambda alert, wanted=wanted: alert.get("detectionSource") == wanted)
         else:
             raise ValueError(f"filtering on '{name}' is not supported.")
-        pos = m.end()
-        if pos == len(text):
-            break
-        m_and = _ODATA_AND.match(text, pos)
-        if not m_and:
-            raise ValueError(f"syntax error at position {pos} in '{text}'.")
-        pos = m_and.end()
 
     def predicate(alert: dict[str, Any]) -> bool:
         return all(test(alert) for test in tests)
