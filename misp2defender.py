@@ -502,7 +502,7 @@ SECRET_NAMES = {"misp_key": "misp_key", "client_secret": "graph_auth['client_sec
                 "otx_alienvault_api": "otx_alienvault_api", "sightings_misp_key": "sightings_misp_key"}
 # Workload identity (AKS sets these): used when graph_auth names no credential of its own.
 AZURE_ENVIRONMENT = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST")
-KEY_VAULT_API_VERSION = "7.4"  # stable in every cloud; see the README
+KEY_VAULT_API_VERSION = "7.4"  # stable in every cloud; see docs/microsoft-assumptions.md
 # Key Vault's token resource by the vault's host suffix (public cloud when the host is none of these).
 KEY_VAULT_RESOURCES = {".vault.usgovcloudapi.net": "https://vault.usgovcloudapi.net",
                        ".vault.azure.cn": "https://vault.azure.cn",
@@ -511,6 +511,7 @@ MANAGED_IDENTITY_IDS = ("client_id", "resource_id", "object_id")
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_API_URL = "https://api.securitycenter.microsoft.com"
 DEFAULT_SCOPE = "https://api.securitycenter.windows.com/.default"
+DEFAULT_USER_AGENT = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36"
 
 # defender_cloud presets: API host, login authority, token scope. Gov scopes follow the API host
 # (not stated in Microsoft's gov page; CISA's Untitled Goose Tool and msticpy use the same).
@@ -579,6 +580,11 @@ def nonempty_text(name: str, value: Any) -> str:
     return value
 
 
+def text_or(default: str) -> Callable[[str, Any], str]:
+    """A string; empty (or blank) means the default, as leaving the key out does."""
+    return lambda name, value: text(name, value).strip() or default
+
+
 def integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, Any], int]:
     return lambda name, value: _positive_int(name, value, minimum, maximum)
 
@@ -640,8 +646,7 @@ OPTIONS: dict[str, Option] = {
     "max_indicators_per_query": Option("max_indicators_per_query", 450, integer(1, 500), tenant=True),
     "quota_requests": Option("quota_requests", 25, integer(1), tenant=True),
     "targetScope": Option("target_scope", DEFAULT_SCOPE, None, tenant=True),
-    "custom_user_agent": Option("user_agent", "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36",
-                                text),
+    "custom_user_agent": Option("user_agent", DEFAULT_USER_AGENT, text_or(DEFAULT_USER_AGENT)),
     "defender_cloud": Option("", "commercial", choice(*CLOUDS), tenant=True),
     "defender_api_url": Option("api_url", DEFAULT_API_URL, None, tenant=True),
     "proxies": Option("proxies", {}, a_dict("a dict like {'https': 'http://proxy:3128'}"), tenant=True),
@@ -1177,17 +1182,20 @@ def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = No
     return [t for t in tenants if not only or t.name in only]
 
 
-def warn_if_config_exposes_secrets(path: str | Path, raw: Mapping[str, Any]) -> None:
-    """A config.py holding a secret should be readable by its owner only."""
-    auth = raw.get("graph_auth") if isinstance(raw.get("graph_auth"), dict) else {}
-    holds_secret = any(raw.get(k) for k in ("misp_key", "otx_alienvault_api")) or bool(auth.get("client_secret"))
+def exposed_secrets_warning(path: str | Path, raw: Mapping[str, Any]) -> str | None:
+    """A config.py holding a secret (its own or a tenant's) should be readable by its owner only."""
+    tenants = raw.get("tenants") if isinstance(raw.get("tenants"), list) else []
+    scopes = [raw, *(t for t in tenants if isinstance(t, dict))]
+    holds_secret = any(scope.get(key) for scope in scopes for key in SECRET_ENVIRONMENT) or any(
+        isinstance(scope.get("graph_auth"), dict) and scope["graph_auth"].get("client_secret") for scope in scopes)
     try:
         mode = Path(path).stat().st_mode
     except OSError:
-        return
+        return None
     if holds_secret and mode & (stat.S_IRGRP | stat.S_IROTH):
-        log.warning("%s holds a secret and is readable by other users: run 'chmod 600 %s' or move the "
-                    "secrets to MISP2DEFENDER_* environment variables", path, path)
+        return (f"{path} holds a secret and is readable by other users: run 'chmod 600 {path}' or move the "
+                "secrets to MISP2DEFENDER_* environment variables, *_FILE files or Key Vault")
+    return None
 
 
 class RedactingFormatter(logging.Formatter):
@@ -1876,7 +1884,7 @@ def _course_of_action(tags: frozenset[str]) -> str | None:
 
 def expiration_for(settings: Settings, indicator_type: str, tlp_clear: bool, attribute: dict,
                    now: float) -> tuple[float | None, int]:
-    """Expiry per the README: per-type days from valid_from or now, TLP:CLEAR shorter, last_seen."""
+    """Expiry as docs/mapping.md describes it: per-type days from valid_from or now, TLP:CLEAR shorter, last_seen."""
     days = settings.lifetimes[indicator_type, tlp_clear]
     if not settings.ignore_last_seen:
         last_seen = parse_time(attribute.get("last_seen"))
@@ -2958,6 +2966,8 @@ ENDPOINT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
     "batch_delete": ((30, 60.0), (1500, 3600.0)),
     "alerts": ((100, 60.0), (1500, 3600.0)),
 }
+# The application roles that let an app write indicators (.All: every indicator; without: its own).
+WRITE_ROLES = ("Ti.ReadWrite.All", "Ti.ReadWrite")
 LIST_PAGE = 10000
 
 
@@ -3401,7 +3411,7 @@ def expiry_reason(candidate: Candidate, existing: Existing, now: float) -> str:
 
 
 def upsert_key(indicator_type: str, value: str, action: str) -> tuple[str, str, str]:
-    """What Defender's import matches an item on (the value case-insensitively; see the README)."""
+    """What Defender's import matches an item on (the value case-insensitively; see docs/microsoft-assumptions.md)."""
     return (indicator_type, value.lower(), action)
 
 
@@ -4326,7 +4336,8 @@ class TenantRun:
 
 
 def parsed_indicators_path(settings: Settings) -> Path:
-    default = Path(settings.log_file or "misp2defender.log").with_name("misp2defender_indicators.json")
+    # Beside the log; with no log file, beside the lock (itself beside config.py unless set elsewhere).
+    default = Path(settings.log_file or settings.lock_file).with_name("misp2defender_indicators.json")
     return Path(tenant_file(str(default), settings.name))
 
 
@@ -4441,7 +4452,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tenant", metavar="NAME", action="append", default=[],
                         help="only this tenant of the 'tenants' list (repeatable)")
     parser.add_argument("--event", metavar="UUID_OR_ID", action="append", default=[],
-                        help="push just this MISP event now, whatever the time window (repeatable); never deletes")
+                        help="push just this MISP event now, whatever the time window (repeatable); "
+                             "deletes no retracted or unselected value")
     parser.add_argument("--ignore-filters", action="store_true",
                         help="with --event: ignore misp_event_filters (published, tags, ...) too")
     parser.add_argument("--sightings-only", action="store_true",
@@ -4471,6 +4483,8 @@ FIXES = {
     "keyvault_reach": "allow HTTPS to key_vault_url (and the vault's firewall to this host) or set HTTPS_PROXY",
     "decay": "in MISP, Administration → Decaying Models: 'Update all default models' loads MISP's models, then "
              "Enable the one decay_model names (or set decay_model to an enabled model's name or id)",
+    "lock": "nothing, if that run is still working (this one changed nothing; the next one goes ahead); if it "
+            "hangs, see its log and stop it (a run that died frees the lock by itself)",
     "certificate": "trust the CA that signed the certificate: REQUESTS_CA_BUNDLE for Microsoft hosts behind a "
                    "TLS-inspecting proxy, misp_verifycert = '/path/to/ca.pem' for MISP",
 }
@@ -4554,14 +4568,16 @@ def run_check(config_path: str, only: Iterable[str] = (), report_path: str | Non
     pymisp_log.propagate = False
     tenants: list[Settings] = []
     try:
-        tenants = build_tenants(load_config_module(config_path), config_path=config_path, only=only,
-                                require_credentials=False)
+        raw = load_config_module(config_path)
+        tenants = build_tenants(raw, config_path=config_path, only=only, require_credentials=False)
         if report_path:
             check_writable("--report", report_path)
         count = f" ({len(tenants)} tenants)" if tenants[0].name else ""
         checks.ok(f"config: {config_path} is valid{count}")
         for note in dict.fromkeys(note for t in tenants for note in t.notes):
             checks.warn(f"config: {note}")
+        if warning := exposed_secrets_warning(config_path, raw):
+            checks.warn(f"config: {warning}")
         shared = tenants[0]
         written = [p for p in (shared.log_file, shared.lock_file, shared.log_json_file, report_path) if p]
         checks.ok(f"files: {', '.join(written)} can be written")
@@ -4639,6 +4655,11 @@ def check_defender(checks: Checklist, tenant: Settings, policy: RetryPolicy) -> 
         platform = f" on {identity_platform()}" if tenant.managed_identity else ""
         checks.ok(f"Entra: {tenant.credential}{platform}, owns indicators as {client.tokens.owner()}")
         checks.ok(f"Entra: token issued for {tenant.target_scope}" + (f" (roles: {', '.join(roles)})" if roles else ""))
+        if roles and not set(roles) & set(WRITE_ROLES) and not tenant.dry_run:
+            # Reading may still work (Ti.Read.All): the sync's first write would be refused.
+            checks.fail(f"Defender: the token grants {', '.join(roles)} but neither of {' or '.join(WRITE_ROLES)}: "
+                        "this app could not create, update or delete indicators", FIXES["defender"])
+            return
         client.list_indicators(page_size=1, limit=1)
         checks.ok(f"Defender: {tenant.api_url} lets this app read indicators")
     except Misp2DefenderError as exc:
@@ -4760,7 +4781,8 @@ def main(argv: list[str] | None = None) -> int:
                  f" for tenants {', '.join(t.name for t in tenants)}" if shared.name else "")
         for note in dict.fromkeys(note for t in tenants for note in t.notes):
             log.warning("%s", note)
-        warn_if_config_exposes_secrets(args.config, raw)
+        if warning := exposed_secrets_warning(args.config, raw):
+            log.warning("%s", warning)
         tenants = read_key_vault(tenants, deadline)
         report.secrets[:] = all_secrets(tenants)  # the handlers share this list: they redact these too
         if args.dry_run or shared.dry_run:

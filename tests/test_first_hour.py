@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.harness import TEST_FILTERS, Tool
-from tests.util import ROOT
+from tests.util import ROOT, TEST_CLIENT_ID
 
 # --- 1. --check in stages ------------------------------------------------------------------------
 
@@ -25,6 +27,16 @@ def test_check_with_only_misp_configured_checks_misp_and_says_what_entra_needs(t
     assert "graph_auth['tenant'], graph_auth['client_id'], graph_auth['client_secret']" in entra
     assert "fix: check graph_auth" in result.stdout
     assert tool.entra.calls() == [] and tool.defender.calls() == []
+
+
+def test_check_fails_an_app_that_may_read_but_not_write_indicators(tool: Tool) -> None:
+    tool.entra.set_roles(TEST_CLIENT_ID, ["Ti.Read.All"])
+    result = tool.run("--check")
+    assert result.code == 2
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("  ✗ Defender:")]
+    assert "grants Ti.Read.All but neither of Ti.ReadWrite.All or Ti.ReadWrite" in line
+    assert "Ti.ReadWrite.All, then 'Grant admin consent'" in result.stdout
+    assert tool.defender.calls("list") == []  # told from the token's roles, before any call to Defender
 
 
 def test_no_matching_event_is_a_warning_with_its_likely_causes(tool: Tool) -> None:
@@ -122,15 +134,18 @@ def test_a_missing_config_and_a_syntax_error_get_their_own_fixes(tool: Tool) -> 
     assert "is not valid Python" in result.stderr and "fix: correct line 2 of" in result.stderr
 
 
-def test_files_land_beside_the_config_and_are_private(tool: Tool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_file", ["misp2defender.log", ""])
+def test_files_land_beside_the_config_and_are_private(tool: Tool, tmp_path: Path, log_file: str) -> None:
     elsewhere = tmp_path / "cron-cwd"
     elsewhere.mkdir()
-    config = tool.config(log_file="misp2defender.log", log_json_file="defender.jsonl")
+    config = tool.config(log_file=log_file, log_json_file="defender.jsonl", write_parsed_indicators=True)
     done = subprocess.run([sys.executable, str(ROOT / "misp2defender.py"), "--config", str(config)],
                           cwd=elsewhere, capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     assert list(elsewhere.iterdir()) == []  # nothing in cron's working directory
-    for name in ("misp2defender.log", "defender.jsonl", "misp2defender_indicators.json", "misp2defender.lock"):
+    for name in (log_file, "defender.jsonl", "misp2defender_indicators.json", "misp2defender.lock"):
+        if not name:
+            continue
         path = config.parent / name
         assert path.is_file(), name
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -25,3 +26,13 @@ def test_ci_runs_the_test_command_the_readme_gives() -> None:
     assert '"$venv/bin/python" -m pytest -q' in ci
     assert ("python3 -m venv venv && venv/bin/pip install -r requirements.txt -r tests/requirements.txt "
             "&& venv/bin/python tests/sandbox.py") in readme
+
+
+def test_every_readme_section_a_message_points_to_exists() -> None:
+    source = (ROOT / "misp2defender.py").read_text()
+    headings = {line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("## ")}
+    named = re.findall(r"see '([^']+)'", source) + re.findall(r"see the (.+?) section of the README", source)
+    assert len(named) >= 3
+    for name in named:
+        assert name in headings or f"The {name}" in headings, f"a message points to a README section {name!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,26 @@ def test_lock_file_defaults_beside_the_log_file(tmp_path: Path) -> None:
     (tmp_path / "logs").mkdir()
     s = make_settings(log_file=str(tmp_path / "logs" / "m2d.log"))
     assert s.lock_file == str(tmp_path / "logs" / "misp2defender.lock")
+
+
+def test_config_py_default_explains_every_setting_it_accepts() -> None:
+    """Every accepted key (and graph_auth's) is in config.py.default with a comment that explains it."""
+    lines = (ROOT / "config.py.default").read_text().splitlines()
+    for name in m2d.OPTIONS:
+        found = [n for n, line in enumerate(lines) if line.lstrip("# ").startswith(f"{name} =")]
+        assert found, f"{name} is not in config.py.default"
+        n = found[0]
+        explained = "#" in lines[n].split("=", 1)[1] or lines[n - 1].lstrip().startswith("#") or (
+            n + 1 < len(lines) and lines[n + 1].lstrip().startswith("#"))
+        assert explained, f"{name} has no comment in config.py.default"
+    text = "\n".join(lines)
+    for key in m2d.GRAPH_AUTH_KEYS:
+        assert f"'{key}'" in text, f"graph_auth['{key}'] is not in config.py.default"
+    documented = {m.group(1) for m in re.finditer(r"^#? ?([a-z]\w*) = ", text, flags=re.M)}
+    assert documented - set(m2d.OPTIONS) == set(), "config.py.default documents keys the script does not accept"
+
+
+def test_an_empty_user_agent_means_the_default() -> None:
+    assert make_settings(custom_user_agent="").user_agent == m2d.DEFAULT_USER_AGENT
+    assert make_settings(custom_user_agent=" ").user_agent == m2d.DEFAULT_USER_AGENT
+    assert make_settings(custom_user_agent="acme-soc/2").user_agent == "acme-soc/2"
