@@ -35,6 +35,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import datetime as dt
 import difflib
@@ -1294,6 +1295,12 @@ class MispSource:
     def __init__(self, settings: Settings, policy: RetryPolicy, *, helper: bool = False):
         self.settings, self.policy = settings, policy
         self.misp = self._connect(helper)
+
+    def selecting_for(self, settings: Settings) -> MispSource:
+        """This connection, selecting with these settings' filters (tenants may each have their own)."""
+        view = copy.copy(self)
+        view.settings = settings
+        return view
 
     def _connect(self, helper: bool) -> Any:
         import pymisp
@@ -4176,7 +4183,8 @@ def read_selection(misp: MispSource, group: list[TenantRun], args: argparse.Name
         in_tenant(group[0], group[0].authenticate)
         if group[0].report.fatal:
             return set()
-    reader = SelectionReader(misp, [r.settings for r in group], args.full_sync, time.time(),
+    reader = SelectionReader(misp.selecting_for(group[0].settings), [r.settings for r in group], args.full_sync,
+                             time.time(),
                              close_in_helper=close_in_helper)
     try:
         with report.phase("misp_first_page"):
@@ -4268,10 +4276,11 @@ class TenantRun:
         held: dict[tuple[str, str], Candidate] = {}
         still_selected: frozenset = frozenset()
         if not partial:
+            own_view = misp.selecting_for(s)
             with misp_lock:
-                held = held_by_edited_events(misp, [e.key for e in self.existing if e.owned], s, status)
+                held = held_by_edited_events(own_view, [e.key for e in self.existing if e.owned], s, status)
                 stale = [key for key in stale_keys(desired, self.existing, args.full_sync) if key not in held]
-                still_selected = confirm_with_misp(misp, stale, s, status)
+                still_selected = confirm_with_misp(own_view, stale, s, status)
         report.misp_error = status.error
         with report.phase("plan"):
             the_plan = plan(desired, self.existing, s, read_complete=status.complete, full_sync=args.full_sync,

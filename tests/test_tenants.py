@@ -18,6 +18,8 @@ from tests.standins.defender import DefenderStandIn
 from tests.standins.entra import EntraStandIn
 from tests.util import (
     DEFENDER_TIME_SCALE,
+    EVENT_03,
+    EVENT_03_ONLY,
     OTHER_CLIENT_ID,
     OTHER_CLIENT_SECRET,
     SAMPLE_KEYS,
@@ -26,12 +28,6 @@ from tests.util import (
     serving,
 )
 
-EVENT_03_ONLY = {
-    ("FileMd5", "3e7188e69da07334aa862af04851634f"), ("FileSha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8"),
-    ("FileMd5", "5944c615e31c1482bdcc3cbcfa769e4a"), ("FileSha1", "a9f51651341103926ed17ac5363f755beaa2cfe5"),
-    ("FileMd5", "d0a9bf3ef7dc08b615e2daf165b035f8"), ("FileSha1", "4c08199ea3ef9d62d1298d97676558f2d3c7994a"),
-    ("FileSha256", "b7606bb122de9d77f58125ba3052b9035b39d837277128d5d71dc49d77189dff"),
-}
 EVENT_01 = {  # event 01 carries misp:threat-level="high-risk" (tests/data/README.md)
     ("IpAddress", "185.225.17.88"), ("IpAddress", "91.215.85.147"), ("IpAddress", "46.101.155.38"),
     ("IpAddress", "2a01:4f8:c17:2b1:0:0:0:3"), ("DomainName", "evil-domain.top"),
@@ -40,6 +36,7 @@ EVENT_01 = {  # event 01 carries misp:threat-level="high-risk" (tests/data/READM
     ("FileSha256", "d2f1da0889b90a130e36f0da535bd9b6fd299e2f9573e6a627a5c540997ab424"),
     ("FileSha256", "bb9008e38301becb5406cdbd3f88f5f789ad9c82b43a750cfc2592a783fc3d92"), ("IpAddress", "194.87.31.12"),
 }
+D2F1 = ("FileSha256", "d2f1da0889b90a130e36f0da535bd9b6fd299e2f9573e6a627a5c540997ab424")  # events 01 and 03
 CERT_05 = ("CertificateThumbprint", "5c55b651f4dd773e0f599ea4ba99cc869c61dd1c")  # Block admits it; 03's goes with 03
 QAKBOT = 'misp-galaxy:malpedia="QakBot"'
 HIGH = 'misp:threat-level="high-risk"'
@@ -110,6 +107,23 @@ def test_three_tenants_from_one_read_each_get_their_own_set(tool: Tool, customer
         assert (tool.tmp / f"defender.{name}.jsonl").is_file()
     log = (tool.tmp / "misp2defender.log").read_text()
     assert "[globex] Plan:" in log and "[initech] Plan:" in log
+
+
+def test_tenants_with_their_own_filters_read_and_confirm_with_their_own(tool: Tool, customers: list[Customer]) -> None:
+    acme, globex, _ = customers
+    qakbot_only = {**tool.defaults["misp_event_filters"], "tags": [QAKBOT]}
+    for tenants in ([globex.entry(misp_event_filters=qakbot_only), acme.entry()],  # the narrower view first
+                    [acme.entry(), globex.entry(misp_event_filters=qakbot_only)]):  # and second
+        result = tool.run("--full-sync", tenants=tenants)
+        assert result.code == 0, result.stderr
+        assert globex.keys() == EVENT_03_ONLY | {D2F1} and acme.keys() == SAMPLE_KEYS
+    # Event 03 leaves globex's selection but stays in acme's: MISP is asked with globex's own
+    # filters whether its values are still selected for globex (they are not: they go).
+    tool.misp.untag_event(EVENT_03, QAKBOT)
+    tool.misp.publish(EVENT_03)
+    result = tool.run("--full-sync", "--force", tenants=[acme.entry(), globex.entry(misp_event_filters=qakbot_only)])
+    assert result.code == 0, result.stderr
+    assert globex.keys() == set() and acme.keys() == SAMPLE_KEYS
 
 
 def test_one_tenant_failing_never_stops_or_changes_the_others(tool: Tool, customers: list[Customer]) -> None:
