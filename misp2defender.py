@@ -227,6 +227,7 @@ def parse_time(value: Any) -> float | None:
     return epoch + (int(fraction[:9]) / 10 ** len(fraction[:9]) if fraction else 0.0)
 
 
+@functools.lru_cache(maxsize=4096)  # plans and reports format the same few expiry times many times over
 def format_time(epoch: float | None) -> str | None:
     if epoch is None:
         return None
@@ -3858,23 +3859,27 @@ def format_plan(the_plan: Plan, report_limit: int, limit: int = 200) -> str:
              f"{counts['keep']} kept, {counts['left_out']} left out (Defender holds {the_plan.owned} of ours "
              f"and {the_plan.foreign} of others; room for {the_plan.room})"]
 
-    def section(title: str, rows: list[str], total: int | None = None) -> None:
-        total = len(rows) if total is None else total
+    def section(title: str, items: Sequence[T], row: Callable[[T], str], total: int | None = None) -> None:
+        total = len(items) if total is None else total
         if not total:
             return
         lines.append(f"{title} ({total}):")
-        lines.extend(f"  {row}" for row in rows[:limit])
+        lines.extend(f"  {row(item)}" for item in items[:limit])  # only the rows shown are written out
         if total > limit:
             more = "for all" if report_limit >= total else f"for the first {report_limit} (report_plan_limit)"
             lines.append(f"  ... and {total - limit} more (use --report FILE {more})")
 
-    section("+ create", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.creates])
-    section("~ update", [f"{describe(c.candidate)} — {c.reason}" for c in the_plan.updates])
-    section("- delete", [f"{d.indicator_type} {d.value} (id {d.id}) — {d.reason}"
-                         for d in the_plan.deletes + the_plan.replaced])
-    section("- delete first, no room to replace in place", [f"{d.indicator_type} {d.value} (id {d.id}) — {d.reason}"
-                                                            for d in the_plan.replaced_first])
-    section("! left out (tenant cap), best first", [describe(c) for c in the_plan.left_out], the_plan.left_out_count)
+    def change(c: Change) -> str:
+        return f"{describe(c.candidate)} — {c.reason}"
+
+    def deletion(d: Deletion) -> str:
+        return f"{d.indicator_type} {d.value} (id {d.id}) — {d.reason}"
+
+    section("+ create", the_plan.creates, change)
+    section("~ update", the_plan.updates, change)
+    section("- delete", the_plan.deletes + the_plan.replaced, deletion)
+    section("- delete first, no room to replace in place", the_plan.replaced_first, deletion)
+    section("! left out (tenant cap), best first", the_plan.left_out, describe, the_plan.left_out_count)
     if the_plan.deletes_withheld:
         lines.append(f"! deletes withheld: {the_plan.deletes_withheld}")
     return "\n".join(lines)
@@ -3896,15 +3901,17 @@ def plan_items(the_plan: Plan, limit: int) -> dict[str, Any]:
     def deletion(d: Deletion) -> dict[str, Any]:
         return {"id": d.id, "type": d.indicator_type, "value": d.value, "reason": d.reason}
 
-    lists = {"create": [{**candidate(c.candidate), "reason": c.reason, **({"replaces": c.replaces} if c.replaces
-                                                                          else {})} for c in the_plan.creates],
-             "update": [{**candidate(c.candidate), "changed": c.reason} for c in the_plan.updates],
-             "delete": [deletion(d) for d in the_plan.deletes + the_plan.replaced + the_plan.replaced_first],
-             "left_out": [{**candidate(c), "priority": n} for n, c in enumerate(the_plan.left_out, start=1)]}
-    counts = {**{name: len(items) for name, items in lists.items()}, "left_out": the_plan.left_out_count}
-    return {"counts": counts, "truncated": any(len(items) > limit for items in lists.values())
-            or the_plan.left_out_count > len(lists["left_out"]),
-            **{name: items[:limit] for name, items in lists.items()}}
+    deletes = the_plan.deletes + the_plan.replaced + the_plan.replaced_first
+    counts = {"create": len(the_plan.creates), "update": len(the_plan.updates), "delete": len(deletes),
+              "left_out": the_plan.left_out_count}
+    # Only what is listed is built: a plan over the cap leaves out far more than any report lists.
+    return {"counts": counts, "truncated": any(count > limit for count in counts.values())
+            or the_plan.left_out_count > len(the_plan.left_out),
+            "create": [{**candidate(c.candidate), "reason": c.reason, **({"replaces": c.replaces} if c.replaces
+                                                                        else {})} for c in the_plan.creates[:limit]],
+            "update": [{**candidate(c.candidate), "changed": c.reason} for c in the_plan.updates[:limit]],
+            "delete": [deletion(d) for d in deletes[:limit]],
+            "left_out": [{**candidate(c), "priority": n} for n, c in enumerate(the_plan.left_out[:limit], start=1)]}
 
 
 # ###########################################################################################
@@ -4103,6 +4110,7 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
     single = len(tenants) == 1 and not tenants[0].name
     runs = [TenantRun(t, report if single else report.tenant(t.name), deadline) for t in tenants]
     misp_lock = threading.Lock()  # PyMISP's session is not shared between threads
+    being_edited = EditedEvents()
     otx = OtxClient(shared, shared.retry_policy(deadline)) if shared.exclude_if_in_alienvault else None
     sightings = sightings_writer(shared, deadline, runs) if shared.misp_sightings else None
     workers = min(shared.max_parallel_tenants, len(runs))
@@ -4120,7 +4128,8 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
                         if missing and r.desired is not None:
                             r.status.fail(f"event not found in MISP (or not selected by the filters): "
                                           f"{', '.join(missing)}")
-                    finished += [finishing.submit(in_tenant, r, r.finish, misp, misp_lock, otx, args, dry_run)
+                    finished += [finishing.submit(in_tenant, r, r.finish, misp, misp_lock, being_edited, otx, args,
+                                                  dry_run)
                                  for r in group if r.desired is not None]
             for future in finished:
                 future.result()
@@ -4172,8 +4181,13 @@ def selection_groups(runs: list[TenantRun]) -> list[list[TenantRun]]:
     """Tenants with the same misp_event_filters, in config order: each group is one MISP read."""
     groups: dict[str, list[TenantRun]] = {}
     for r in runs:
-        groups.setdefault(json.dumps(r.settings.misp_event_filters, sort_keys=True, default=str), []).append(r)
+        groups.setdefault(selection_key(r.settings), []).append(r)
     return list(groups.values())
+
+
+def selection_key(settings: Settings) -> str:
+    """Tenants with equal keys select the same MISP events."""
+    return json.dumps(settings.misp_event_filters, sort_keys=True, default=str)
 
 
 def read_selection(misp: MispSource, group: list[TenantRun], args: argparse.Namespace, report: Report,
@@ -4267,7 +4281,7 @@ class TenantRun:
         # OTX-known values are dropped before the cap: keep a second room's worth in line for their slots.
         return frozenset(e.key for e in self.existing), room * 2 if s.exclude_if_in_alienvault else room
 
-    def finish(self, misp: MispSource, misp_lock: threading.Lock, otx: OtxClient | None,
+    def finish(self, misp: MispSource, misp_lock: threading.Lock, being_edited: EditedEvents, otx: OtxClient | None,
                args: argparse.Namespace, dry_run: bool) -> None:
         """Confirm with MISP, plan, drop what OTX knows, write the plan out, and apply it."""
         s, report, desired, status = self.settings, self.report, self.desired, self.status
@@ -4278,7 +4292,8 @@ class TenantRun:
         if not partial:
             own_view = misp.selecting_for(s)
             with misp_lock:
-                held = held_by_edited_events(own_view, [e.key for e in self.existing if e.owned], s, status)
+                held = held_by_edited_events(own_view, [e.key for e in self.existing if e.owned], s, status,
+                                             being_edited)
                 stale = [key for key in stale_keys(desired, self.existing, args.full_sync) if key not in held]
                 still_selected = confirm_with_misp(own_view, stale, s, status)
         report.misp_error = status.error
@@ -4397,8 +4412,25 @@ def confirm_with_misp(misp: MispSource, keys: list[tuple[str, str]], settings: S
         return frozenset()
 
 
+class EditedEvents:
+    """The selected events that were published and are being edited now, read once per selection:
+    every tenant whose filters select the same events asks for them (in turn, under the MISP lock)."""
+
+    def __init__(self) -> None:
+        self.read: dict[str, tuple[list[dict], MispReadStatus]] = {}
+
+    def of(self, misp: MispSource) -> tuple[list[dict], MispReadStatus]:
+        key = selection_key(misp.settings)
+        if key not in self.read:
+            status = MispReadStatus()
+            events = [event for event in misp.events(True, status, extra={"published": False})
+                      if event.get("published") is not True and epoch_or(event.get("publish_timestamp")) > 0]
+            self.read[key] = events, status  # (a draft never published holds nothing back)
+        return self.read[key]
+
+
 def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], settings: Settings,
-                          status: MispReadStatus) -> dict[tuple[str, str], Candidate]:
+                          status: MispReadStatus, being_edited: EditedEvents) -> dict[tuple[str, str], Candidate]:
     """Of these owned keys, the ones an event carries that was published and is now being edited.
 
     Any edit unpublishes a MISP event until someone republishes it. Like MISP's own sync, the last
@@ -4411,10 +4443,8 @@ def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], setting
         return {}  # unpublished events are selected anyway: nothing is held back
     wanted, held = set(keys), {}
     now = time.time()
-    edited = MispReadStatus()
-    for event in misp.events(True, edited, extra={"published": False}):
-        if event.get("published") is True or epoch_or(event.get("publish_timestamp")) <= 0:
-            continue  # a draft never published holds nothing back
+    events, edited = being_edited.of(misp)
+    for event in events:
         map_one = event_mapper(event_context(event), settings, now)
         for attribute in event_attributes(event, settings.misp_flatten_attributes):
             if isinstance(attribute, dict):

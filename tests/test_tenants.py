@@ -107,6 +107,12 @@ def test_three_tenants_from_one_read_each_get_their_own_set(tool: Tool, customer
         assert (tool.tmp / f"defender.{name}.jsonl").is_file()
     log = (tool.tmp / "misp2defender.log").read_text()
     assert "[globex] Plan:" in log and "[initech] Plan:" in log
+    again = tool.run(misp_event_limit_per_page=2, tenants=[
+        acme.entry(), globex.entry(defender_action="Block", exclude_tags=[QAKBOT], defender_max_indicators=5000),
+        initech.entry(include_tags=[HIGH], defender_max_indicators=11)])
+    assert again.code == 0 and again.counts["created"] == again.counts["deleted"] == 0
+    edited_reads = [c for c in tool.misp.calls("events") if c.body.get("published") is False]
+    assert len(edited_reads) == 1  # the events being edited: read once for the three tenants, as the selection
 
 
 def test_tenants_with_their_own_filters_read_and_confirm_with_their_own(tool: Tool, customers: list[Customer]) -> None:
