@@ -350,6 +350,9 @@ class RetryPolicy:
             service: str = "", stats: EndpointStats | None = None, min_wait: float = 0.0,
             wait_with: Callable[[float], None] | None = None, quiet: bool = False) -> T:
         for number in itertools.count():
+            if self.deadline.passed:  # no call starts after the run's end, first attempts included
+                raise StoppedWaiting(f"{what}: not sent: max_run_seconds ({self.deadline.seconds:g} s) reached; "
+                                     "left for the next run", service)
             try:
                 return attempt()
             except Retry as retry:
@@ -725,6 +728,9 @@ DEFAULTS: dict[str, Any] = {name: option.default for name, option in OPTIONS.ite
 TENANT_KEYS = frozenset({"name", *(name for name, option in OPTIONS.items() if option.tenant)})
 GRAPH_AUTH_KEYS = ("tenant", "client_id", "client_secret", "authority", "client_certificate",
                    "client_certificate_thumbprint", "client_assertion_file", "managed_identity")
+# The keys that name how an app proves itself: a tenant entry naming one replaces the top level's.
+CREDENTIAL_KEYS = ("client_secret", "client_certificate", "client_certificate_thumbprint", "client_assertion_file",
+                   "managed_identity")
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -848,6 +854,14 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict)  # where each secret came from (never its value)
     config_path: str = ""
     notes: tuple[str, ...] = ()  # config warnings: likely typos, short secrets
+    # With tenants: the top-level settings, which MISP, OTX and Key Vault are reached with (a tenant's
+    # proxies and credential are for its own Entra and Defender only).
+    shared: Settings | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def common(self) -> Settings:
+        """The settings of what every tenant shares: MISP, OTX, Key Vault, sightings."""
+        return self.shared or self
 
     @property
     def has_defender_credentials(self) -> bool:
@@ -1144,7 +1158,7 @@ def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = No
         return [build_settings(raw, environ, config_path, dry_run, require_credentials=require_credentials)]
     _expect("tenants", entries, (list, tuple), "a list of dicts, one per Defender tenant")
     base = {k: v for k, v in raw.items() if k != "tenants"}
-    build_settings(base, environ, config_path, dry_run, require_credentials=False)  # the shared part first
+    shared = build_settings(base, environ, config_path, dry_run, require_credentials=False)  # checked first
     tenants, names = [], set()
     for position, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict):
@@ -1163,18 +1177,21 @@ def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = No
         auth = entry.get("graph_auth", {})
         if not isinstance(auth, dict):
             raise ConfigError(f"tenant {name!r}: config key graph_auth must be a dict, not {type(auth).__name__}")
-        merged = {**base, **{k: v for k, v in entry.items() if k != "name"},
-                  "graph_auth": {**base.get("graph_auth", {}), **auth}}
+        inherited = base.get("graph_auth", {}) if isinstance(base.get("graph_auth"), dict) else {}
+        own_credential = any(auth.get(k) for k in CREDENTIAL_KEYS)
+        if own_credential:  # its own credential replaces the top level's (a managed identity, a certificate, ...)
+            inherited = {k: v for k, v in inherited.items() if k not in CREDENTIAL_KEYS}
+        merged = {**base, **{k: v for k, v in entry.items() if k != "name"}, "graph_auth": {**inherited, **auth}}
         tenant_environ = environ
-        if auth.get("client_secret"):  # its own secret wins over the top-level one, wherever that one is kept
+        if own_credential:  # ... and the top-level secret too, wherever that one is kept
             variable = SECRET_ENVIRONMENT["client_secret"]
             tenant_environ = {k: v for k, v in environ.items() if k not in (variable, f"{variable}_FILE")}
             vault = base.get("key_vault_secrets")
             if isinstance(vault, dict):
                 merged["key_vault_secrets"] = {k: v for k, v in vault.items() if k != "client_secret"}
         try:
-            tenants.append(build_settings(merged, tenant_environ, config_path, dry_run, name=name,
-                                          require_credentials=require_credentials))
+            tenants.append(dataclasses.replace(build_settings(merged, tenant_environ, config_path, dry_run, name=name,
+                                                              require_credentials=require_credentials), shared=shared))
         except ConfigError as exc:
             raise ConfigError(f"tenant {name!r}: {exc}", exc.service) from None
     unknown_names = [n for n in only if n not in names]
@@ -1359,8 +1376,8 @@ class MispSource:
 
     def search(self, controller: str, what: str, check: Callable[[Any], T], **query: Any) -> T:
         """One restSearch call under the retry policy, its answer checked by ``check``."""
-        return self._request(what, check, lambda: self.misp.search(controller=controller, return_format="json",
-                                                                   **query))
+        query = {**query, "controller": controller, "return_format": "json"}  # whatever the user's filters say
+        return self._request(what, check, lambda: self.misp.search(**query))
 
     def direct(self, path: str, what: str, check: Callable[[Any], T], body: Mapping[str, Any], *,
                once: bool = False, method: str = "POST") -> T:
@@ -1476,9 +1493,10 @@ class MispSource:
         filters.pop("page", None)
         found = []
         for start in range(0, len(values), 200):
-            attributes = self.search("attributes", "MISP value check", attributes_of_answer,
-                                      value=values[start:start + 200], to_ids=1, include_event_tags=True,
-                                      **{**filters, **self.settings.decay_query, **(extra or {})})
+            # The user's filters may name to_ids too: only to_ids attributes become indicators.
+            query = {**filters, **self.settings.decay_query, **(extra or {}), "value": values[start:start + 200],
+                     "to_ids": 1, "include_event_tags": True}
+            attributes = self.search("attributes", "MISP value check", attributes_of_answer, **query)
             found.extend(attributes)
         return found
 
@@ -2674,7 +2692,7 @@ def _helper_reader(results: Any, bounds: Any, counter: Any, tenants: list[Settin
 
     try:
         policy = settings.retry_policy(Deadline(seconds_left))
-        pages = MispSource(settings, policy, helper=True).events(
+        pages = MispSource(settings.common, policy, helper=True).selecting_for(settings).events(
             full_sync, status, next_page=functools.partial(_claim_page, counter))
         collect_for(bounded(pages), targets, now, on_event)
         if not bounded_yet:
@@ -2947,14 +2965,18 @@ SECRET_FIELDS = {"misp_key": "misp_key", "client_secret": "client_secret", "otx_
 
 def read_key_vault(tenants: list[Settings], deadline: Deadline) -> list[Settings]:
     """Fill the secrets config.py keeps in Key Vault (key_vault_secrets), once for every tenant."""
-    shared = tenants[0]
-    names = {name for t in tenants for name in t.key_vault_names.values()}
+    common = tenants[0].common  # the top level's identity reads the vault, for every tenant
+    names = {name for t in (common, *tenants) for name in t.key_vault_names.values()}
     if not names:
         return tenants
-    vault = KeyVault(shared, shared.retry_policy(deadline))
+    vault = KeyVault(common, common.retry_policy(deadline))
     values = {name: vault.secret(name) for name in sorted(names)}
-    return [dataclasses.replace(t, **{SECRET_FIELDS[key]: values[name] for key, name in t.key_vault_names.items()})
-            for t in tenants]
+
+    def filled(settings: Settings) -> Settings:
+        return dataclasses.replace(settings, **{SECRET_FIELDS[key]: values[name]
+                                                for key, name in settings.key_vault_names.items()})
+    shared = filled(common) if tenants[0].shared else None
+    return [dataclasses.replace(filled(t), shared=shared) for t in tenants]
 
 
 def time_scale_from_environment() -> float:
@@ -3434,6 +3456,7 @@ def stale_keys(desired: Desired, existing: Iterable[Existing], full_sync: bool) 
 def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
          read_complete: bool, full_sync: bool, still_selected: frozenset = frozenset(),
          held: Mapping[tuple[str, str], Candidate] | None = None,
+         whole_view: Mapping[tuple[str, str], Candidate | None] | None = None,
          force: bool = False, partial: bool = False, now: float | None = None) -> Plan:
     """Compare what MISP wants with what Defender holds. Pure: no HTTP, no PyMISP.
 
@@ -3442,21 +3465,25 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
     edited (unpublished after it was published): they stay as Defender holds them, the last
     published form, with only their expiry refreshed, until the event is republished or deleted
     (keep_unpublished_edits). Nothing is ever written onto an indicator another application owns:
-    Defender's import would overwrite it, since it matches on the upsert key. ``partial``: MISP was
-    read in part on purpose (--event): nothing is deleted.
+    Defender's import would overwrite it, since it matches on the upsert key (the value compared
+    case-insensitively). ``partial``: MISP was read in part on purpose (--event): nothing is deleted.
+    ``whole_view``: for owned values a time window or --event saw in part, the strongest candidate
+    MISP's whole selection gives (None: MISP could not say, and the indicator stays as it is), so a
+    change seen in one event never downgrades what another, unread event still asks for. After a
+    partial read no action change is made either: it deletes the old indicator.
     """
-    held = held or {}
+    held, whole_view = held or {}, whole_view or {}
     now = time.time() if now is None else now
     result = Plan()
     owned: dict[tuple[str, str], list[Existing]] = {}
-    foreign: set[tuple[str, str]] = set()
+    foreign: set[tuple[str, str]] = set()  # (type, value lower-cased), as Defender's import matches them
     foreign_upserts: set[tuple[str, str, str]] = set()
     for item in existing:
         if item.owned:
             owned.setdefault(item.key, []).append(item)
             result.owned += 1
         else:
-            foreign.add(item.key)
+            foreign.add((item.indicator_type, item.value.lower()))
             foreign_upserts.add(upsert_key(item.indicator_type, item.value, item.action))
             result.foreign += 1
 
@@ -3466,11 +3493,20 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
             _keep_as_published(result, held[key], mine, foreign_upserts, now)
             continue
         if not mine:
-            if key in foreign:
+            if (key[0], key[1].lower()) in foreign:
                 result.keeps["held by another application"] += 1
             else:
                 result.creates.append(Change(candidate, "new in MISP"))
             continue
+        if not settings.check_existing:
+            result.keeps["check_if_already_in_defender is False: not compared"] += 1
+            continue
+        if key in whole_view:
+            confirmed = whole_view[key]
+            if confirmed is None:
+                result.keeps["MISP could not confirm the change: kept as is"] += 1
+                continue
+            candidate = stronger(candidate, confirmed)
         same_action = [e for e in mine if e.action == candidate.action]
         if upsert_key(*key, candidate.action) in foreign_upserts:
             # The write would land on another application's indicator: ours stays as it is.
@@ -3484,6 +3520,9 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
             else:
                 result.keeps["unchanged"] += 1
             extras = [e for e in mine if e is not keep]
+        elif not read_complete:
+            result.keeps["action change withheld: MISP was read only in part"] += 1
+            extras = mine[1:]
         else:
             # Defender may key indicators on the action: create the new one first, then delete the
             # old, so that the value is never unprotected and never held twice.
@@ -3493,7 +3532,7 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
             extras = mine[1:]
         result.deletes.extend(Deletion(e.id, *key, "duplicate of an owned indicator") for e in extras)
 
-    for key in [] if partial else stale_keys(desired, existing, full_sync):
+    for key in [] if partial or not settings.check_existing else stale_keys(desired, existing, full_sync):
         if key in still_selected:
             result.keeps["still carried by a selected MISP attribute"] += 1
             continue
@@ -3731,8 +3770,9 @@ class Report:
         self.helper_peak_rss_mib = status.helper_peak_rss_mib
         self.events, self.attributes, self.values = status.events, desired.attributes, desired.values
         self.candidates, self.duplicates = desired.distinct, desired.duplicates
-        self.rejected, self.skipped = desired.rejected, desired.skipped
-        self.rejected_items = desired.rejected_items
+        # Copies: tenants alike share one Desired, and each report counts its own OTX skips.
+        self.rejected, self.skipped = Counter(desired.rejected), Counter(desired.skipped)
+        self.rejected_items = list(desired.rejected_items)
 
     def record_plan(self, the_plan: Plan, settings: Settings) -> None:
         self.plan = plan_items(the_plan, settings.report_plan_limit)
@@ -4097,18 +4137,18 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
     or changes another's work. A config without tenants is the one tenant whose report is the run's.
     Then, with misp_sightings, each tenant's alerts become MISP sightings (alone: --sightings-only).
     """
+    shared = tenants[0].common
+    misp = MispSource(shared, shared.retry_policy(deadline))  # each read selects with its tenants' filters
+    if shared.decay_model:
+        model = misp.decaying_model(shared.decay_model)
+        tenants = [dataclasses.replace(t, decay=model) for t in tenants]
+    usual = {t.name: t for t in tenants}  # each tenant's own selection, which --event narrows for the read
     if args.event:  # just these events, whatever the time window (and, with --ignore-filters, the filters)
         tenants = [dataclasses.replace(t, misp_event_filters=event_filters(t, args)) for t in tenants]
-    misp = MispSource(tenants[0], tenants[0].retry_policy(deadline))
-    if tenants[0].decay_model:
-        model = misp.decaying_model(tenants[0].decay_model)
-        tenants = [dataclasses.replace(t, decay=model) for t in tenants]
-        misp.settings = tenants[0]
-    shared = tenants[0]
     dry_run = args.dry_run or shared.dry_run
     report.dry_run, report.full_sync = dry_run, args.full_sync
     single = len(tenants) == 1 and not tenants[0].name
-    runs = [TenantRun(t, report if single else report.tenant(t.name), deadline) for t in tenants]
+    runs = [TenantRun(t, report if single else report.tenant(t.name), deadline, usual[t.name]) for t in tenants]
     misp_lock = threading.Lock()  # PyMISP's session is not shared between threads
     being_edited = EditedEvents()
     otx = OtxClient(shared, shared.retry_policy(deadline)) if shared.exclude_if_in_alienvault else None
@@ -4248,6 +4288,7 @@ class TenantRun:
     settings: Settings
     report: Report
     deadline: Deadline
+    selection: Settings  # the tenant's own filters: what MISP is asked when a plan was made from a partial view
     client: DefenderClient | None = None
     json_log: JsonLog | None = None
     existing: list[Existing] = field(default_factory=list)
@@ -4298,8 +4339,15 @@ class TenantRun:
                 still_selected = confirm_with_misp(own_view, stale, s, status)
         report.misp_error = status.error
         with report.phase("plan"):
-            the_plan = plan(desired, self.existing, s, read_complete=status.complete, full_sync=args.full_sync,
-                            still_selected=still_selected, held=held, force=args.force, partial=partial)
+            decide = functools.partial(plan, desired, self.existing, s, read_complete=status.complete,
+                                       full_sync=args.full_sync, still_selected=still_selected, held=held,
+                                       force=args.force, partial=partial)
+            the_plan = decide()
+            if partial or not args.full_sync or not status.complete:  # a view of the selection in part
+                with misp_lock:
+                    whole_view = whole_view_of(misp.selecting_for(self.selection), the_plan, s, status)
+                if whole_view:
+                    the_plan = decide(whole_view=whole_view)
         if otx is not None and the_plan.creates:
             exclude_known_to_otx(the_plan, otx, report)
         report.record_plan(the_plan, s)
@@ -4367,15 +4415,17 @@ def parsed_indicators_path(settings: Settings) -> Path:
 
 def list_existing(client: DefenderClient | None, settings: Settings, report: Report) -> list[Existing]:
     """What Defender holds, as planning compares it (nothing without credentials or the listing)."""
-    if client is None or not settings.check_existing:
-        if not settings.check_existing:
-            log.warning("check_if_already_in_defender is False: nothing is compared, updated or deleted")
+    if not settings.check_existing:
+        log.warning("check_if_already_in_defender is False: new values are imported, nothing of ours is updated "
+                    "or deleted (Defender is still listed, so that no other application's indicator is overwritten)")
+    if client is None:
         return []
     with report.phase("defender_list"):
         PROGRESS.show("Defender: listing the indicators it holds", force=True)
         now, owner = time.time(), client.tokens.owner()
         convert = functools.partial(existing_from_api, client_id=owner, application=settings.application, now=now)
-        return [e for e in client.list_indicators(convert=convert) if e is not None]
+        # $skip paging over a list that changes meanwhile can show an indicator twice: once is what it is.
+        return list({e.id: e for e in client.list_indicators(convert=convert) if e is not None}.values())
 
 
 def exclude_known_to_otx(the_plan: Plan, otx: OtxClient, report: Report) -> None:
@@ -4406,10 +4456,31 @@ def confirm_with_misp(misp: MispSource, keys: list[tuple[str, str]], settings: S
     if not keys or not status.complete:
         return frozenset()
     try:
-        return still_selected_keys(misp, keys, settings)
+        return frozenset(selected_candidates(misp, keys, settings))
     except Misp2DefenderError as exc:
         status.fail(f"MISP value check failed: {exc}")
         return frozenset()
+
+
+def whole_view_of(misp: MispSource, the_plan: Plan, settings: Settings,
+                  status: MispReadStatus) -> dict[tuple[str, str], Candidate | None]:
+    """For the owned values a plan would change after a partial view (a time window, --event, a read
+    that failed part-way): what MISP's whole selection asks for each, so that an event outside the
+    view still counts. None for every key when MISP cannot be asked (or the read failed): those
+    indicators then stay as they are."""
+    changing = [c.candidate.key for c in the_plan.updates] + [c.candidate.key for c in the_plan.creates
+                                                              if c.replaces]
+    if not changing:
+        return {}
+    if not status.complete:
+        log.warning("MISP was read only in part: %d changes to owned indicators withheld", len(changing))
+        return dict.fromkeys(changing)
+    try:
+        found = selected_candidates(misp, changing, settings)
+    except Misp2DefenderError as exc:
+        log.warning("MISP value check failed (%s): %d owned indicators kept as they are", exc, len(changing))
+        return dict.fromkeys(changing)
+    return {key: found[key] for key in changing if key in found}
 
 
 class EditedEvents:
@@ -4456,20 +4527,21 @@ def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], setting
     return held
 
 
-def still_selected_keys(misp: MispSource, keys: list[tuple[str, str]], settings: Settings) -> frozenset:
-    """Keys that an attribute selected by the filters still carries (asks MISP).
+def selected_candidates(misp: MispSource, keys: Iterable[tuple[str, str]],
+                        settings: Settings) -> dict[tuple[str, str], Candidate]:
+    """The strongest candidate for each key that an attribute selected by the filters still carries (asks MISP).
 
     MISP matches values as written, so each key is asked for in the spellings MISP may hold it in;
     each attribute found goes through the same mapping (vetting, to_ids, type rules) as the read.
     """
-    values = sorted({spelling for key in keys for spelling in misp_spellings(*key)})
-    found = set()
     wanted = set(keys)
+    values = sorted({spelling for key in wanted for spelling in misp_spellings(*key)})
+    found: dict[tuple[str, str], Candidate] = {}
     for attribute, context in map(split_inherited_tags, misp.attributes_with_values(values)):
         for outcome in map_attribute(attribute, context, settings, time.time()):
             if isinstance(outcome, Candidate) and outcome.key in wanted:
-                found.add(outcome.key)
-    return frozenset(found)
+                found[outcome.key] = stronger(found[outcome.key], outcome) if outcome.key in found else outcome
+    return found
 
 
 # ###########################################################################################
@@ -4630,7 +4702,7 @@ def run_check(config_path: str, only: Iterable[str] = (), report_path: str | Non
             checks.error(exc)
             tenants = []
     if tenants:
-        shared = tenants[0]
+        shared = tenants[0].common
         kept = [f"{label} from {shared.sources[key]}" for key, label in (("misp_key", "MISP key"),
                 ("otx_alienvault_api", "OTX key")) if shared.sources.get(key)]
         checks.ok(f"secrets: {'; '.join(kept)}")
@@ -4642,7 +4714,7 @@ def run_check(config_path: str, only: Iterable[str] = (), report_path: str | Non
 
 
 def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
-    shared = tenants[0]
+    shared = tenants[0].common
     policy = shared.retry_policy(Deadline(shared.max_run_seconds))
     misp: MispSource | None = None
     try:
@@ -4659,12 +4731,11 @@ def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
     for tenant in tenants:
         if tenant.name:
             checks.heading(f"tenant {tenant.name}:")
-        filters = json.dumps(tenant.misp_event_filters, sort_keys=True, default=str)
+        filters = selection_key(tenant)
         if misp is not None and filters not in counted:
             try:
-                counted[filters] = misp.count_events()
-                label = "misp_event_filters" if tenant.misp_event_filters == shared.misp_event_filters or \
-                    not tenant.name else "this tenant's misp_event_filters"
+                counted[filters] = misp.selecting_for(tenant).count_events()
+                label = "this tenant's misp_event_filters" if tenant.name else "misp_event_filters"
                 if counted[filters]:
                     checks.ok(f"MISP: {counted[filters]} events match {label}")
                 else:
@@ -4721,12 +4792,11 @@ def check_decay(checks: Checklist, misp: MispSource, tenants: list[Settings]) ->
         checks.error(exc)
         return tenants
     tenants = [dataclasses.replace(t, decay=model) for t in tenants]
-    misp.settings = tenants[0]
     filters = {k: v for k, v in selection_filters(shared.misp_event_filters, full_sync=False).items()
                if k not in ("limit", "page")}
     try:
-        sample = misp.search("attributes", "MISP decay scores", attributes_of_answer, limit=1000, page=1, to_ids=1,
-                              **{**filters, **tenants[0].decay_query})
+        sample = misp.search("attributes", "MISP decay scores", attributes_of_answer,
+                             **{**filters, **tenants[0].decay_query, "limit": 1000, "page": 1, "to_ids": 1})
     except Misp2DefenderError as exc:
         checks.error(exc)
         return tenants

@@ -25,6 +25,7 @@ from tests.util import (
     SAMPLE_KEYS,
     TEST_CLIENT_ID,
     TEST_CLIENT_SECRET,
+    m2d,
     serving,
 )
 
@@ -206,6 +207,44 @@ def test_check_checks_misp_once_and_every_tenant(tool: Tool, customers: list[Cus
     assert out[acme_block + 1].startswith("    ✓ MISP:")
     assert any(line.startswith("    ✓ Defender:") for line in out[acme_block:globex_block])
     assert any(line.startswith("    ✗ Defender:") and "Ti.ReadWrite.All" in line for line in out[globex_block:])
+
+
+def test_check_counts_each_tenants_own_selection(tool: Tool, customers: list[Customer]) -> None:
+    acme, globex, _ = customers
+    qakbot_only = {**tool.defaults["misp_event_filters"], "tags": [QAKBOT]}
+    result = tool.run("--check", tenants=[acme.entry(misp_event_filters=qakbot_only), globex.entry()])
+    assert result.code == 0, result.stdout
+    out = result.stdout.splitlines()
+    acme_block, globex_block = out.index("  tenant acme:"), out.index("  tenant globex:")
+    assert "    ✓ MISP: 1 events match this tenant's misp_event_filters" in out[acme_block:globex_block]
+    assert "    ✓ MISP: 5 events match this tenant's misp_event_filters" in out[globex_block:]
+
+
+def test_a_tenants_own_credential_replaces_the_top_levels_managed_identity(tmp_path) -> None:
+    raw = {"misp_domain": "https://misp.example/", "misp_key": "k" * 40, "log_file": str(tmp_path / "m2d.log"),
+           "graph_auth": {"managed_identity": True},
+           "tenants": [{"name": "home"},
+                       {"name": "acme", "graph_auth": {"tenant": "acme-directory", "client_id": "acme-app",
+                                                       "client_secret": "s" * 24}}]}
+    home, acme = m2d.build_tenants(raw, environ={"MISP2DEFENDER_CLIENT_SECRET": "top-level-secret-0123"})
+    assert home.managed_identity is not None
+    assert acme.managed_identity is None and acme.client_secret == "s" * 24 and acme.tenant == "acme-directory"
+    assert acme.credential.startswith("client secret")
+
+
+def test_a_tenants_proxies_carry_only_its_own_entra_and_defender(tool: Tool, customers: list[Customer],
+                                                                 monkeypatch) -> None:
+    from tests.standins.proxy import ProxyStandIn
+
+    acme, globex, _ = customers
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.delenv("no_proxy")
+    with ProxyStandIn() as proxy:
+        result = tool.run(tenants=[acme.entry(proxies={"https": proxy.url, "http": proxy.url}), globex.entry()])
+    assert result.code == 0, result.stderr
+    assert acme.keys() == globex.keys() == SAMPLE_KEYS
+    acme_hosts = {f"CONNECT {url.split('//')[1]}" for url in (acme.entra.url, acme.defender.url)}
+    assert set(proxy.targets) == acme_hosts  # not MISP, not globex
 
 
 BAD_TENANTS = [

@@ -20,6 +20,8 @@ from tests.standins.otx import OtxStandIn
 from tests.util import (
     ATTR_40103_IP,
     MISP_KEY,
+    OTX_KEY,
+    SAMPLE_KEYS,
     TEST_CLIENT_ID,
     m2d,
     make_candidate,
@@ -491,3 +493,107 @@ def test_times_parse_on_python_3_10_too() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert [round(v, 4) for v in eval(done.stdout)] == [1796205600.1235, 1796205600.5, 1796205600.12]
+
+
+# --- Found in review: partial views, case, doubled listings, deadlines, odd filters ------------------
+
+SHARED_C2 = ("DomainName", "shared-c2.top")
+
+
+def c2_event(uuid: str, tags: list[str], when: int | None = None) -> dict:
+    stamps = {} if when is None else {"timestamp": str(when), "publish_timestamp": str(when)}
+    return {"Event": {"uuid": uuid, "info": f"event {uuid[:8]}", "published": True, **stamps,
+                      "Tag": [{"name": 'workflow:state="complete"'}, *({"name": t} for t in tags)],
+                      "Attribute": [{"uuid": uuid[:-1] + "9", "type": "domain", "category": "Network activity",
+                                     "to_ids": True, "value": SHARED_C2[1], **({"timestamp": str(when)} if when
+                                                                              else {})}]}}
+
+
+DENY, ALERT_ONLY = "71000000-0000-4000-8000-000000000001", "72000000-0000-4000-8000-000000000001"
+
+
+@pytest.mark.parametrize("partial_view", ["time window", "--event"])
+def test_a_partial_view_never_downgrades_what_an_unread_event_still_asks_for(tool: Tool, partial_view: str) -> None:
+    now = int(time.time())
+    tool.misp.add_event(c2_event(DENY, ['course-of-action:active="deny"'], now - 10 * 86400))  # Block, old
+    tool.misp.add_event(c2_event(ALERT_ONLY, [], now - 60))  # Audit, just published
+    assert tool.run("--full-sync").code == 0
+    assert (*SHARED_C2, "Block") in tool.held()
+    if partial_view == "time window":  # the deny event is outside the window: only the Audit one is read
+        result = tool.run(misp_event_filters={**TEST_FILTERS, "publish_timestamp": "2d"})
+    else:
+        result = tool.run("--event", ALERT_ONLY)
+    assert result.code == 0, result.stderr
+    assert {h for h in tool.held() if h[1] == SHARED_C2[1]} == {(*SHARED_C2, "Block")}
+    assert tool.defender.calls("batch_delete") == [] and tool.defender.calls("delete") == []
+    assert tool.misp.calls("attributes"), "the whole selection was asked about the value"
+    tool.misp.untag_event(DENY, 'course-of-action:active="deny"')  # now the whole selection says Audit
+    tool.misp.publish(DENY)
+    assert tool.run("--event", DENY).code == 0
+    assert {h for h in tool.held() if h[1] == SHARED_C2[1]} == {(*SHARED_C2, "Audit")}
+
+
+def test_an_action_change_waits_for_a_complete_read(tool: Tool) -> None:
+    assert tool.run("--full-sync").code == 0
+    before = tool.held()
+    assert {a for _, _, a in before} >= {"Audit"}
+    tool.misp.fail_page(2, status=500, times=20)
+    result = tool.run("--full-sync", defender_action="Block", misp_event_limit_per_page=2)
+    assert result.code == 1
+    assert tool.defender.calls("batch_delete") == [] and tool.defender.calls("delete") == []
+    assert before <= tool.held()  # nothing replaced from a partial read (new values may come)
+    assert result.report["kept_by_reason"]["action change withheld: MISP was read only in part"] > 0
+
+
+def test_a_create_never_lands_on_a_foreign_url_that_differs_only_in_case(tool: Tool) -> None:
+    upper = "http://cdn-update-check.top/WP-CONTENT/plugins/wpx-cache/loader.php"  # ours is lower-case
+    ids = tool.defender.seed([{"indicatorType": "Url", "indicatorValue": upper, "action": action, "title": "theirs",
+                               "description": "theirs", "severity": "Low", "expirationTime": None}
+                              for action in ("Audit", "Block")], created_by="another-app", application="OpenCTI")
+    theirs = snapshot(tool, ids)
+    result = tool.run()
+    assert result.code == 0, result.stderr
+    assert snapshot(tool, ids) == theirs
+    sent = [i["indicatorValue"].lower() for c in tool.defender.calls("import") for i in c.body["Indicators"]]
+    assert upper.lower() not in sent
+
+
+def test_an_indicator_listed_twice_is_neither_deleted_nor_doubled(tool: Tool) -> None:
+    assert tool.run().code == 0
+    held = tool.defender.active()
+    tool.defender.inject("list", status=200, body={"value": [*held, held[0]]})  # $skip paging over a list that moved
+    result = tool.run("--full-sync")
+    assert result.code == 0, result.stderr
+    assert tool.defender.calls("batch_delete") == [] and tool.defender.calls("delete") == []
+    assert tool.owned_keys() == SAMPLE_KEYS
+
+
+def test_otx_lookups_stop_at_max_run_seconds(tool: Tool, otx: OtxStandIn) -> None:
+    otx.latency = 0.4
+    started = time.monotonic()
+    result = tool.run(exclude_if_in_alienvault=True, otx_alienvault_api=OTX_KEY, otx_alienvault_url=otx.url,
+                      otx_max_workers=1, max_run_seconds=2)
+    assert result.code == 1
+    assert len(otx.calls("lookup")) < 10  # 36 to look up at 0.4 s each: the deadline stopped them
+    assert time.monotonic() - started < 30  # (a generous bound: without the deadline this takes 15 s or more)
+
+
+def test_a_to_ids_filter_does_not_break_the_value_check(tool: Tool) -> None:
+    filters = {**TEST_FILTERS, "to_ids": 1}
+    assert tool.run(misp_event_filters=filters).code == 0
+    tool.misp.remove_event("c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e")  # event 01 gone: its values are stale
+    result = tool.run("--full-sync", misp_event_filters=filters, remove_guard_percent=100)
+    assert result.code == 0, result.stderr
+    assert result.counts["deleted"] > 0
+
+
+def test_without_check_if_already_in_defender_no_foreign_indicator_is_overwritten(tool: Tool) -> None:
+    theirs_item = {"indicatorType": "DomainName", "indicatorValue": "office-docs-share.xyz", "action": "Audit",
+                   "title": "theirs", "description": "theirs", "severity": "Low", "expirationTime": None}
+    [their_id] = tool.defender.seed([theirs_item], created_by="another-app", application="OpenCTI")
+    theirs = snapshot(tool, [their_id])
+    assert tool.run(check_if_already_in_defender=False).code == 0
+    assert snapshot(tool, [their_id]) == theirs
+    assert tool.owned_keys() == SAMPLE_KEYS - {("DomainName", "office-docs-share.xyz")}
+    again = tool.run("--full-sync", check_if_already_in_defender=False, defender_severity="High")
+    assert again.code == 0 and again.counts["updated"] == again.counts["deleted"] == 0
