@@ -2582,6 +2582,7 @@ class SelectionReader:
     def _join_helper(self, targets: list[Target]) -> None:
         helper, self.helper = self.helper, None
         assert helper is not None
+        delivered = False
         try:
             # Poll, never block: a helper that hangs or dies must not hold the run past its deadline.
             while not helper.results.poll(0.5):
@@ -2590,6 +2591,7 @@ class SelectionReader:
                 if self.misp.policy.deadline.passed:
                     raise TimeoutError("max_run_seconds reached while waiting for the helper reader")
             parts, part_status, events = helper.results.recv()
+            delivered = True
         except (EOFError, OSError) as exc:  # the helper died or hung: the read is incomplete
             self.status.fail(f"MISP helper reader failed: {type(exc).__name__}: {exc}")
         else:
@@ -2602,19 +2604,22 @@ class SelectionReader:
             for event_id, event_uuid, info in events:
                 self._saw(event_id, event_uuid, info)
         finally:
-            _stop_helper(helper)
+            _stop_helper(helper, delivered)
 
     def close(self) -> None:
         """Stop a helper that will not be needed (the run failed before reading)."""
         if self.helper is not None:
             helper, self.helper = self.helper, None
-            _stop_helper(helper)
+            _stop_helper(helper, delivered=False)
 
 
-def _stop_helper(helper: HelperProcess) -> None:
+def _stop_helper(helper: HelperProcess, delivered: bool) -> None:
+    """A helper that delivered its result is ending by itself; one that did not (the run failed or
+    was interrupted) may be waiting on MISP and would read on: it is stopped at once, as it owns nothing."""
     helper.bounds.close()  # a helper waiting for its bounds sees the end of the pipe and exits
     helper.results.close()
-    helper.process.join(5)
+    if delivered:
+        helper.process.join(5)
     if helper.process.is_alive():
         helper.process.kill()
         helper.process.join(5)
@@ -4345,7 +4350,8 @@ class TenantRun:
             the_plan = decide()
             if partial or not args.full_sync or not status.complete:  # a view of the selection in part
                 with misp_lock:
-                    whole_view = whole_view_of(misp.selecting_for(self.selection), the_plan, s, status)
+                    whole_view = whole_view_of(misp.selecting_for(self.selection), the_plan, self.existing, s,
+                                               status)
                 if whole_view:
                     the_plan = decide(whole_view=whole_view)
         if otx is not None and the_plan.creates:
@@ -4462,14 +4468,19 @@ def confirm_with_misp(misp: MispSource, keys: list[tuple[str, str]], settings: S
         return frozenset()
 
 
-def whole_view_of(misp: MispSource, the_plan: Plan, settings: Settings,
+def whole_view_of(misp: MispSource, the_plan: Plan, existing: list[Existing], settings: Settings,
                   status: MispReadStatus) -> dict[tuple[str, str], Candidate | None]:
     """For the owned values a plan would change after a partial view (a time window, --event, a read
     that failed part-way): what MISP's whole selection asks for each, so that an event outside the
     view still counts. None for every key when MISP cannot be asked (or the read failed): those
     indicators then stay as they are."""
-    changing = [c.candidate.key for c in the_plan.updates] + [c.candidate.key for c in the_plan.creates
-                                                              if c.replaces]
+    # What an event decides: the action, the severity, the title. An expiry refresh only extends and
+    # settings-wide fields come from config.py: those need no confirmation.
+    held = {(e.key, e.action): e for e in existing if e.owned}
+    changing = [c.candidate.key for c in the_plan.creates if c.replaces] + [
+        c.candidate.key for c in the_plan.updates
+        if (e := held.get((c.candidate.key, c.candidate.action))) is None
+        or (c.candidate.severity, c.candidate.title) != (e.severity, e.title)]
     if not changing:
         return {}
     if not status.complete:

@@ -533,6 +533,16 @@ def test_a_partial_view_never_downgrades_what_an_unread_event_still_asks_for(too
     assert {h for h in tool.held() if h[1] == SHARED_C2[1]} == {(*SHARED_C2, "Audit")}
 
 
+def test_an_expiry_refresh_from_a_partial_view_needs_no_question_to_misp(tool: Tool) -> None:
+    # Only the action, severity and title depend on which events say so; a later expiry only extends.
+    lifetimes = {"days_to_expire_mapping": {}, "days_to_expire_start": "current_date"}
+    assert tool.run("--full-sync", days_to_expire=2, **lifetimes).code == 0
+    result = tool.run(days_to_expire=60, **lifetimes)
+    assert result.code == 0, result.stderr
+    assert result.counts["updated"] == SAMPLE_COUNT
+    assert tool.misp.calls("attributes") == []
+
+
 def test_an_action_change_waits_for_a_complete_read(tool: Tool) -> None:
     assert tool.run("--full-sync").code == 0
     before = tool.held()
