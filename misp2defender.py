@@ -4348,7 +4348,8 @@ class TenantRun:
                                        full_sync=args.full_sync, still_selected=still_selected, held=held,
                                        force=args.force, partial=partial)
             the_plan = decide()
-            if partial or not args.full_sync or not status.complete:  # a view of the selection in part
+            windowed = not args.full_sync and any(key in s.misp_event_filters for key in TIME_WINDOW_FILTERS)
+            if partial or windowed or not status.complete:  # a view of the selection in part
                 with misp_lock:
                     whole_view = whole_view_of(misp.selecting_for(self.selection), the_plan, self.existing, s,
                                                status)

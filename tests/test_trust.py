@@ -537,10 +537,23 @@ def test_an_expiry_refresh_from_a_partial_view_needs_no_question_to_misp(tool: T
     # Only the action, severity and title depend on which events say so; a later expiry only extends.
     lifetimes = {"days_to_expire_mapping": {}, "days_to_expire_start": "current_date"}
     assert tool.run("--full-sync", days_to_expire=2, **lifetimes).code == 0
-    result = tool.run(days_to_expire=60, **lifetimes)
+    windowed = {**TEST_FILTERS, "publish_timestamp": "36500d"}
+    result = tool.run(days_to_expire=60, misp_event_filters=windowed, **lifetimes)
     assert result.code == 0, result.stderr
     assert result.counts["updated"] == SAMPLE_COUNT
     assert tool.misp.calls("attributes") == []
+
+
+def test_a_run_without_a_time_window_sees_the_whole_selection(tool: Tool) -> None:
+    # The filters select the same events as a full sync: a change needs no question to MISP.
+    assert tool.run().code == 0
+    result = tool.run(defender_severity="High")
+    assert result.code == 0, result.stderr
+    assert result.counts["updated"] > 0
+    assert tool.misp.calls("attributes") == []
+    windowed = tool.run(defender_severity="Low", misp_event_filters={**TEST_FILTERS, "publish_timestamp": "36500d"})
+    assert windowed.code == 0 and windowed.counts["updated"] > 0
+    assert tool.misp.calls("attributes"), "a time window sees the selection in part: MISP is asked"
 
 
 def test_an_action_change_waits_for_a_complete_read(tool: Tool) -> None:
