@@ -3339,10 +3339,10 @@ class Existing:
     generate_alert: bool | None = None
     recommended_actions: str | None = None
     rbac_groups: tuple[str, ...] | None = None
+    key: tuple[str, str] = field(init=False, repr=False, compare=False)  # planning asks for it often
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.indicator_type, self.value)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.indicator_type, self.value))
 
 
 def existing_from_api(item: dict, client_id: str, application: str, now: float) -> Existing | None:

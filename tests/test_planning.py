@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.util import m2d, make_candidate, make_settings
@@ -186,6 +188,6 @@ def test_config_changes_that_apply_to_every_indicator_reach_existing_ones(held: 
     wanted = candidate("a.top", action="Block")
     wanted.generate_alert = settings.generate_alert
     base = existing("1", "a.top", action="Block")
-    result = m2d.plan(desired(wanted), [m2d.Existing(**{**{f: getattr(base, f) for f in base.__slots__}, **held})],
+    result = m2d.plan(desired(wanted), [dataclasses.replace(base, **held)],
                       settings, read_complete=True, full_sync=False, now=NOW)
     assert [c.reason for c in result.updates] == ([reason] if reason else [])
