@@ -845,8 +845,13 @@ class Settings:
 
     @property
     def decay_query(self) -> dict[str, Any]:
-        """What a restSearch needs for the model's scores on each attribute."""
-        return {"includeDecayScore": 1, "decayingModel": [int(self.decay.id)]} if self.decay else {}
+        """What a restSearch needs for the model's scores on each attribute.
+
+        Not ``decayingModel``: the events scope ignores it (MISP scores with the enabled models that
+        cover each attribute's type), while the attributes scope would then score every type with
+        it. Both reads must agree, so both leave the choice to MISP and take this model's entry.
+        """
+        return {"includeDecayScore": 1} if self.decay else {}
     managed_identity: tuple[str, str] | None = None  # ("system", "") or ("client_id"|"resource_id"|"object_id", id)
     client_assertion_file: str = ""  # workload identity federation: re-read for every new token
     key_vault_url: str = ""
@@ -1501,7 +1506,7 @@ class MispSource:
         return found
 
 
-WARNINGLIST_FLAGS = ("enforceWarninglist", "includeWarninglistHits")
+WARNINGLIST_FLAGS = ("enforceWarninglist", "enforce_warninglist", "includeWarninglistHits")  # (PyMISP's spellings)
 
 
 def decaying_models_of(answer: Any) -> list[DecayModel]:

@@ -53,7 +53,7 @@ def test_decayed_attributes_are_not_pushed_and_are_counted_with_their_reason(too
     assert held(tool) == {"fresh.top", "month.top"}
     assert result.report["skipped_by_reason"]["decayed (score below 30)"] == 2
     query = tool.misp.calls("events")[-1].body
-    assert query["includeDecayScore"] == 1 and query["decayingModel"] == [1]
+    assert query["includeDecayScore"] == 1 and "decayingModel" not in query
 
 
 def test_an_owned_indicator_whose_attribute_decays_goes_but_never_after_a_partial_read(tool: Tool,
@@ -129,3 +129,28 @@ def test_dry_run_shows_the_scores(tool: Tool, nids: dict) -> None:
     tool.misp.add_event(decay_event({"month.top": 30}))
     result = tool.run("--dry-run", **nids)
     assert "DomainName month.top [Audit, Medium, score 40.0," in result.stdout
+
+
+def test_a_type_the_model_does_not_cover_is_never_scored_by_any_read(tool: Tool, nids: dict) -> None:
+    # The NIDS model covers network types, not hashes. The events read and the value check must
+    # agree: an old sha256 is unscored in both, so a retraction elsewhere never deletes it.
+    now = time.time()
+    old, recent = int(now - 200 * DAY), int(now - 60)
+    sha256 = "ab" * 32
+    for uuid, stamp, to_ids in (("d2000000-0000-4000-8000-000000000001", old, True),
+                                ("d3000000-0000-4000-8000-000000000001", recent, False)):
+        tool.misp.add_event({"Event": {
+            "uuid": uuid, "info": "hash", "published": True, "timestamp": str(stamp), "publish_timestamp": str(stamp),
+            "Tag": [{"name": "decay-test"}],
+            "Attribute": [{"uuid": uuid[:-1] + "9", "type": "sha256", "category": "Payload delivery",
+                           "to_ids": to_ids, "value": sha256, "timestamp": str(stamp)}]}})
+    tool.misp.add_event(decay_event({f"filler{n}.top": 0 for n in range(5)}))  # so the guard stays quiet
+    assert tool.run("--full-sync", **nids).code == 0
+    assert sha256 in held(tool)
+    windowed = {**nids, "misp_event_filters": {**FILTERS, "publish_timestamp": "1d"}}
+    result = tool.run(**windowed)
+    assert result.code == 0, result.stderr
+    assert sha256 in held(tool), "the older event still carries it, unscored"
+    assert result.report["kept_by_reason"]["still carried by a selected MISP attribute"] == 1
+    check = tool.run("--check", **nids)
+    assert "it scores 5 of 6 selected attributes" in check.stdout  # the hash is not scored here either

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.harness import TEST_FILTERS, Tool
 from tests.util import ATTR_40103_IP, EVENT_03, EVENT_03_ONLY
 
@@ -17,10 +19,12 @@ EVENT_01 = "c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"
 
 # --- 1. --check on the default config ---------------------------------------------------------------
 
-def test_check_passes_on_a_healthy_misp_2_5_with_the_default_filters(tool: Tool) -> None:
+@pytest.mark.parametrize("spelling", ["enforceWarninglist", "enforce_warninglist"])  # MISP's and PyMISP's
+def test_check_passes_on_a_healthy_misp_2_5_with_the_default_filters(tool: Tool, spelling: str) -> None:
     assert tool.misp.warninglist_metadata_bug  # the stand-in answers metadata + enforceWarninglist with 500
     assert TEST_FILTERS["enforceWarninglist"] is True
-    result = tool.run("--check")
+    filters = {**{k: v for k, v in TEST_FILTERS.items() if k != "enforceWarninglist"}, spelling: True}
+    result = tool.run("--check", misp_event_filters=filters)
     assert result.code == 0, result.stdout
     assert "✓ MISP: 5 events match misp_event_filters" in result.stdout
     counted = [c.body for c in tool.misp.calls("events") if c.body.get("metadata")]
