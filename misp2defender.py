@@ -1488,6 +1488,18 @@ class MispSource:
                 return
             max_pages = None if max_pages is None else max_pages - 1
 
+    def being_edited(self, uuids: Iterable[str]) -> set[str]:
+        """Of these events, the ones MISP still holds that were published and are unpublished now
+        (being edited). By uuid alone: an edit may have taken out what the filters select on."""
+        uuids, found = sorted(set(uuids)), set()
+        for start in range(0, len(uuids), 100):
+            batch = uuids[start:start + 100]
+            events = self.search("events", "MISP events being edited", events_of_page,
+                                 uuid=batch, metadata=True, limit=len(batch), page=1)
+            found.update(str(e.get("uuid")).lower() for e in events
+                         if e.get("published") is not True and epoch_or(e.get("publish_timestamp")) > 0)
+        return found
+
     def attributes_with_values(self, values: list[str], extra: Mapping[str, Any] | None = None) -> list[dict]:
         """Attributes the filters select (no time window, to_ids on) carrying one of ``values``.
 
@@ -3344,10 +3356,15 @@ class Existing:
     generate_alert: bool | None = None
     recommended_actions: str | None = None
     rbac_groups: tuple[str, ...] | None = None
+    event_uuid: str = ""  # the MISP event an indicator of ours came from (its description says)
     key: tuple[str, str] = field(init=False, repr=False, compare=False)  # planning asks for it often
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", (self.indicator_type, self.value))
+
+
+# indicator_json's description: "MISP event <id> (<uuid>), attribute ..."
+_FROM_EVENT = re.compile(r"MISP event \S+ \(([0-9a-fA-F-]{36})\)")
 
 
 def existing_from_api(item: dict, client_id: str, application: str, now: float) -> Existing | None:
@@ -3358,11 +3375,13 @@ def existing_from_api(item: dict, client_id: str, application: str, now: float) 
     expiration = parse_time(item.get("expirationTime"))
     if expiration is not None and expiration <= now:
         return None
+    owned = item.get("createdBy") == client_id and item.get("application") == application
+    origin = _FROM_EVENT.match(item["description"]) if owned and isinstance(item.get("description"), str) else None
     return Existing(id=str(item.get("id")), indicator_type=indicator_type,
                     value=normalise_existing(indicator_type, item["indicatorValue"]),
                     action=str(item.get("action") or ""), severity=str(item.get("severity") or ""),
                     title=str(item.get("title") or ""), expiration=expiration,
-                    owned=item.get("createdBy") == client_id and item.get("application") == application,
+                    owned=owned, event_uuid=origin.group(1).lower() if origin else "",
                     generate_alert=item.get("generateAlert") if isinstance(item.get("generateAlert"), bool) else None,
                     recommended_actions=item.get("recommendedActions") if isinstance(
                         item.get("recommendedActions"), str) else None,
@@ -3470,7 +3489,7 @@ def stale_keys(desired: Desired, existing: Iterable[Existing], full_sync: bool) 
 
 def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
          read_complete: bool, full_sync: bool, still_selected: frozenset = frozenset(),
-         held: Mapping[tuple[str, str], Candidate] | None = None,
+         held: Mapping[tuple[str, str], Candidate | None] | None = None,
          whole_view: Mapping[tuple[str, str], Candidate | None] | None = None,
          force: bool = False, partial: bool = False, now: float | None = None) -> Plan:
     """Compare what MISP wants with what Defender holds. Pure: no HTTP, no PyMISP.
@@ -3479,7 +3498,8 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
     attribute still carries; they are kept. ``held``: owned keys an event carries that is being
     edited (unpublished after it was published): they stay as Defender holds them, the last
     published form, with only their expiry refreshed, until the event is republished or deleted
-    (keep_unpublished_edits). Nothing is ever written onto an indicator another application owns:
+    (keep_unpublished_edits); None for a value the edit took out of its event: kept exactly as it
+    is. Nothing is ever written onto an indicator another application owns:
     Defender's import would overwrite it, since it matches on the upsert key (the value compared
     case-insensitively). ``partial``: MISP was read in part on purpose (--event): nothing is deleted.
     ``whole_view``: for owned values a time window or --event saw in part, the strongest candidate
@@ -3565,9 +3585,13 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
 EDITED = "its event is being edited in MISP (unpublished): kept as last published"
 
 
-def _keep_as_published(result: Plan, candidate: Candidate, mine: list[Existing],
+def _keep_as_published(result: Plan, candidate: Candidate | None, mine: list[Existing],
                        foreign_upserts: set[tuple[str, str, str]], now: float) -> None:
-    """An owned value of an event under edit: keep it as it is; refresh only its expiry."""
+    """An owned value of an event under edit: keep it as it is; refresh only its expiry (None: the
+    edit took the value out of its event, and nothing in MISP says how it was published)."""
+    if candidate is None:
+        result.keeps[EDITED] += 1
+        return
     keep = next((e for e in mine if e.action == candidate.action), mine[0])
     reason = expiry_reason(candidate, keep, now) if keep.action == candidate.action else ""
     if reason and upsert_key(candidate.indicator_type, candidate.value, candidate.action) not in foreign_upserts:
@@ -3577,6 +3601,16 @@ def _keep_as_published(result: Plan, candidate: Candidate, mine: list[Existing],
         result.keeps[EDITED] += 1
     result.deletes.extend(Deletion(e.id, *candidate.key, "duplicate of an owned indicator")
                           for e in mine if e is not keep)
+
+
+def changed_by_events(the_plan: Plan, existing: Iterable[Existing]) -> list[tuple[str, str]]:
+    """The owned keys whose action, severity or title the plan changes: what MISP's events decide
+    (an expiry refresh only extends, and settings-wide fields come from config.py)."""
+    held = {(e.key, e.action): e for e in existing if e.owned}
+    return [c.candidate.key for c in the_plan.creates if c.replaces] + [
+        c.candidate.key for c in the_plan.updates
+        if (e := held.get((c.candidate.key, c.candidate.action))) is None
+        or (c.candidate.severity, c.candidate.title) != (e.severity, e.title)]
 
 
 def _apply_cap(result: Plan, desired: Desired, settings: Settings) -> None:
@@ -4277,6 +4311,7 @@ def read_selection(misp: MispSource, group: list[TenantRun], args: argparse.Name
                                                       error=status.error,
                                                       helper_peak_rss_mib=status.helper_peak_rss_mib)
         r.report.record_read(desired, r.status)
+        r.read = seen
     return seen
 
 
@@ -4309,6 +4344,7 @@ class TenantRun:
     existing: list[Existing] = field(default_factory=list)
     desired: Desired | None = None
     status: MispReadStatus = field(default_factory=MispReadStatus)
+    read: set[str] = field(default_factory=set)  # ids and uuids of the events this run read
     plan_text: str = ""
 
     def fail(self, message: str, exit_code: int, error: Misp2DefenderError | None = None) -> None:
@@ -4343,7 +4379,7 @@ class TenantRun:
         s, report, desired, status = self.settings, self.report, self.desired, self.status
         assert desired is not None
         partial = bool(args.event)  # some events on purpose: creates and updates, never a delete
-        held: dict[tuple[str, str], Candidate] = {}
+        held: dict[tuple[str, str], Candidate | None] = {}
         still_selected: frozenset = frozenset()
         if not partial:
             own_view = misp.selecting_for(s)
@@ -4352,11 +4388,14 @@ class TenantRun:
                                              being_edited)
                 stale = [key for key in stale_keys(desired, self.existing, args.full_sync) if key not in held]
                 still_selected = confirm_with_misp(own_view, stale, s, status)
-        report.misp_error = status.error
+        whole_view: dict[tuple[str, str], Candidate | None] = {}
+
+        def decide() -> Plan:
+            return plan(desired, self.existing, s, read_complete=status.complete, full_sync=args.full_sync,
+                        still_selected=still_selected, held=held, whole_view=whole_view, force=args.force,
+                        partial=partial)
+
         with report.phase("plan"):
-            decide = functools.partial(plan, desired, self.existing, s, read_complete=status.complete,
-                                       full_sync=args.full_sync, still_selected=still_selected, held=held,
-                                       force=args.force, partial=partial)
             the_plan = decide()
             windowed = not args.full_sync and any(key in s.misp_event_filters for key in TIME_WINDOW_FILTERS)
             if partial or windowed or not status.complete:  # a view of the selection in part
@@ -4364,7 +4403,14 @@ class TenantRun:
                     whole_view = whole_view_of(misp.selecting_for(self.selection), the_plan, self.existing, s,
                                                status)
                 if whole_view:
-                    the_plan = decide(whole_view=whole_view)
+                    the_plan = decide()
+            if not partial:
+                with misp_lock:
+                    edited = from_edited_events(own_view, the_plan, self.existing, self.read, s, status)
+                if edited or not status.complete:
+                    held |= dict.fromkeys(edited - held.keys())
+                    the_plan = decide()
+        report.misp_error = status.error
         if otx is not None and the_plan.creates:
             exclude_known_to_otx(the_plan, otx, report)
         report.record_plan(the_plan, s)
@@ -4485,13 +4531,7 @@ def whole_view_of(misp: MispSource, the_plan: Plan, existing: list[Existing], se
     that failed part-way): what MISP's whole selection asks for each, so that an event outside the
     view still counts. None for every key when MISP cannot be asked (or the read failed): those
     indicators then stay as they are."""
-    # What an event decides: the action, the severity, the title. An expiry refresh only extends and
-    # settings-wide fields come from config.py: those need no confirmation.
-    held = {(e.key, e.action): e for e in existing if e.owned}
-    changing = [c.candidate.key for c in the_plan.creates if c.replaces] + [
-        c.candidate.key for c in the_plan.updates
-        if (e := held.get((c.candidate.key, c.candidate.action))) is None
-        or (c.candidate.severity, c.candidate.title) != (e.severity, e.title)]
+    changing = changed_by_events(the_plan, existing)
     if not changing:
         return {}
     if not status.complete:
@@ -4522,6 +4562,13 @@ class EditedEvents:
         return self.read[key]
 
 
+def holds_edits(settings: Settings) -> bool:
+    """keep_unpublished_edits applies: with filters that select unpublished events too, an edit
+    changes nothing about the selection, so nothing needs holding back."""
+    return settings.keep_unpublished_edits and \
+        settings.misp_event_filters.get("published") in (True, 1, "1", "true", "True")
+
+
 def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], settings: Settings,
                           status: MispReadStatus, being_edited: EditedEvents) -> dict[tuple[str, str], Candidate]:
     """Of these owned keys, the ones an event carries that was published and is now being edited.
@@ -4530,10 +4577,8 @@ def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], setting
     published state stands meanwhile: so the attributes of such events count whatever their
     to_ids or deleted flags say now (those edits take effect at the republish).
     """
-    if not keys or not status.complete or not settings.keep_unpublished_edits:
+    if not keys or not status.complete or not holds_edits(settings):
         return {}
-    if settings.misp_event_filters.get("published") not in (True, 1, "1", "true", "True"):
-        return {}  # unpublished events are selected anyway: nothing is held back
     wanted, held = set(keys), {}
     now = time.time()
     events, edited = being_edited.of(misp)
@@ -4547,6 +4592,29 @@ def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], setting
     if not edited.complete:
         status.fail(f"MISP read of events being edited failed: {edited.error}")
     return held
+
+
+def from_edited_events(misp: MispSource, the_plan: Plan, existing: list[Existing], read: set[str],
+                       settings: Settings, status: MispReadStatus) -> set[tuple[str, str]]:
+    """Of the owned indicators the plan would delete or change, the ones whose own event is being edited.
+
+    The edit may have changed the value (a typo fixed) or the tag the filters select on, so the
+    event's current content does not say: its uuid does (in the indicator's description). Until
+    the republish, the last published state stands, as it does for MISP's own sync. The events
+    this run read are published, so only the others are asked about. When MISP cannot say, the
+    read counts as incomplete: nothing is deleted or replaced.
+    """
+    touched = {*changed_by_events(the_plan, existing),
+               *((d.indicator_type, d.value) for d in the_plan.deletes + the_plan.replaced + the_plan.replaced_first)}
+    asked = [e for e in existing if e.owned and e.key in touched and e.event_uuid and e.event_uuid not in read]
+    if not asked or not status.complete or not holds_edits(settings):
+        return set()
+    try:
+        edited = misp.being_edited(e.event_uuid for e in asked)
+    except Misp2DefenderError as exc:
+        status.fail(f"MISP check of events being edited failed: {exc}")
+        return set()
+    return {e.key for e in asked if e.event_uuid in edited}
 
 
 def selected_candidates(misp: MispSource, keys: Iterable[tuple[str, str]],

@@ -58,6 +58,26 @@ def test_an_event_being_edited_keeps_its_indicators_until_it_is_deleted(tool: To
     assert gone.code == 0 and tool.owned_keys() == before - EVENT_03_ONLY
 
 
+@pytest.mark.parametrize("edit", ["a typo fixed in the value", "the selecting tag removed"])
+def test_an_edit_that_takes_a_value_out_keeps_the_published_one_until_the_republish(tool: Tool, edit: str) -> None:
+    assert tool.run().code == 0
+    published = ("IpAddress", "46.101.155.38")
+    assert published in tool.owned_keys()
+    if edit == "a typo fixed in the value":
+        tool.misp.set_attribute(ATTR_40103_IP, value="46.101.155.39")
+    else:
+        tool.misp.untag_event(EVENT_01, 'workflow:state="complete"')
+    assert not next(e for e in tool.misp.events() if e["uuid"] == EVENT_01)["published"]
+    editing = tool.run("--full-sync")
+    assert editing.code == 0, editing.stderr
+    assert published in tool.owned_keys() and editing.counts["deleted"] == 0
+    tool.misp.publish(EVENT_01)  # the new content counts from now on
+    republished = tool.run("--full-sync")
+    assert republished.code == 0, republished.stderr
+    assert published not in tool.owned_keys()
+    assert (("IpAddress", "46.101.155.39") in tool.owned_keys()) == (edit == "a typo fixed in the value")
+
+
 def test_a_retraction_inside_an_edit_takes_effect_at_the_republish(tool: Tool) -> None:
     assert tool.run().code == 0
     tool.misp.set_attribute(ATTR_40103_IP, to_ids=False)  # event 01 is now unpublished
