@@ -1127,7 +1127,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     for key, path in (("log_file", log_file), ("lock_file", lock_file), ("log_json_file", log_json_file)):
         check_writable(f"config key {key}", path)
     for key, secret in (("misp_key", misp_key), ("otx_alienvault_api", otx_key),
-                        ("graph_auth['client_secret']", client_secret)):
+                        ("graph_auth['client_secret']", client_secret),
+                        ("sightings_misp_key", fields["sightings_misp_key"])):
         _warn_if_short(key, secret, notes)
 
     return Settings(
@@ -1503,7 +1504,8 @@ class MispSource:
     def attributes_with_values(self, values: list[str], extra: Mapping[str, Any] | None = None) -> list[dict]:
         """Attributes the filters select (no time window, to_ids on) carrying one of ``values``.
 
-        Each comes with its event's tags, marked ``inherited`` (see split_inherited_tags).
+        Each comes with its event's tags, marked ``inherited`` (see split_inherited_tags). Those
+        inside objects only when the read takes them too (misp_flatten_attributes).
         """
         filters = selection_filters(self.settings.misp_event_filters, full_sync=True)
         filters.pop("limit", None)
@@ -1514,7 +1516,8 @@ class MispSource:
             query = {**filters, **self.settings.decay_query, **(extra or {}), "value": values[start:start + 200],
                      "to_ids": 1, "include_event_tags": True}
             attributes = self.search("attributes", "MISP value check", attributes_of_answer, **query)
-            found.extend(attributes)
+            found.extend(a for a in attributes if self.settings.misp_flatten_attributes
+                         or str(a.get("object_id") or "0") == "0")
         return found
 
 
@@ -2998,6 +3001,11 @@ def read_key_vault(tenants: list[Settings], deadline: Deadline) -> list[Settings
         return tenants
     vault = KeyVault(common, common.retry_policy(deadline))
     values = {name: vault.secret(name) for name in sorted(names)}
+    notes: list[str] = []
+    for name, value in values.items():
+        _warn_if_short(f"Key Vault secret {name!r}", value, notes)
+    for note in notes:
+        log.warning("%s", note.removeprefix("config key "))
 
     def filled(settings: Settings) -> Settings:
         return dataclasses.replace(settings, **{SECRET_FIELDS[key]: values[name]
@@ -3023,6 +3031,7 @@ ENDPOINT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
     "batch_delete": ((30, 60.0), (1500, 3600.0)),
     "alerts": ((100, 60.0), (1500, 3600.0)),
 }
+WRITE_ENDPOINTS = ("import", "submit", "delete", "batch_delete")
 # The application roles that let an app write indicators (.All: every indicator; without: its own).
 WRITE_ROLES = ("Ti.ReadWrite.All", "Ti.ReadWrite")
 LIST_PAGE = 10000
@@ -3266,6 +3275,7 @@ class OtxClient:
         self.cache: dict[tuple[str, str], bool | None] = {}
         self.lock = threading.Lock()
         self.stats = EndpointStats()
+        self.last_error = ""  # what the last failed lookup said (a bad certificate fails them all)
 
     def _path(self, indicator_type: str, value: str) -> str | None:
         from urllib.parse import quote
@@ -3290,6 +3300,8 @@ class OtxClient:
                 response = self.session.get(path, headers={"X-OTX-API-KEY": self.settings.otx_key},
                                             timeout=min(self.settings.request_timeout, 30))
             except requests.RequestException as exc:
+                if transport_problem(exc) == "certificate":
+                    raise certificate_error("otx", self.settings.otx_url, exc) from None
                 raise Retry(type(exc).__name__) from None
             if response.status_code == 404:
                 return False
@@ -3307,6 +3319,7 @@ class OtxClient:
             return self.policy.run(f"OTX lookup of {value}", attempt, service="otx", stats=self.stats, quiet=True)
         except (Misp2DefenderError, ValueError) as exc:
             log.debug("OTX lookup of %s failed: %s", value, exc)
+            self.last_error = str(exc)
             return None
 
     def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -3323,17 +3336,21 @@ class OtxClient:
         """How many of these keys OTX could not answer for."""
         return sum(1 for k in keys if k in self.cache and self.cache[k] is None)
 
-    def check_key(self) -> str:
-        """'' when the key works, else what is wrong (for --check)."""
+    def check_key(self) -> Misp2DefenderError | None:
+        """None when the key works, else what is wrong (for --check)."""
         try:
             response = self.session.get(self._path("IpAddress", "8.8.8.8"),
                                         headers={"X-OTX-API-KEY": self.settings.otx_key},
                                         timeout=self.settings.request_timeout)
         except Exception as exc:
-            return f"OTX unreachable at {self.settings.otx_url}: {type(exc).__name__}"
+            if transport_problem(exc) == "certificate":
+                return certificate_error("otx", self.settings.otx_url, exc)
+            return UnreachableError(f"OTX unreachable at {self.settings.otx_url}: {type(exc).__name__}", "otx")
         if response.status_code in (401, 403):
-            return "OTX rejected the API key (otx_alienvault_api)"
-        return "" if response.status_code in (200, 404) else f"OTX answered HTTP {response.status_code}"
+            return CredentialError("OTX rejected the API key (otx_alienvault_api)", "otx")
+        if response.status_code in (200, 404):
+            return None
+        return UnreachableError(f"OTX answered HTTP {response.status_code}", "otx")
 
 
 # ###########################################################################################
@@ -3773,7 +3790,10 @@ class Report:
 
     @property
     def wrote(self) -> bool:
-        return bool(self.created or self.updated or self.deleted)
+        """Whether Defender may have changed: a write was sent, even if its answer never came."""
+        sent = any(stats.calls for name, stats in self.api.items() if name in WRITE_ENDPOINTS)
+        return bool(self.created or self.updated or self.deleted or sent
+                    or any(t.wrote for t in self.tenants.values()))
 
     @property
     def exit_code(self) -> int:
@@ -4505,7 +4525,8 @@ def exclude_known_to_otx(the_plan: Plan, otx: OtxClient, report: Report) -> None
     report.otx_errors = otx.errors_for(looked_up)
     report.api["otx"] = otx.stats
     if report.otx_errors:
-        log.warning("OTX: %d lookups failed; those indicators are pushed anyway", report.otx_errors)
+        log.warning("OTX: %d lookups failed (the last: %s); those indicators are pushed anyway", report.otx_errors,
+                    otx.last_error)
 
 
 def confirm_with_misp(misp: MispSource, keys: list[tuple[str, str]], settings: Settings,
@@ -4837,7 +4858,7 @@ def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
         checks.indent = "  "
         problem = OtxClient(shared, policy).check_key()
         if problem:
-            checks.fail(f"OTX: {problem}", FIXES["otx"])
+            checks.fail(f"OTX: {problem}", fix_for(problem))
         else:
             checks.ok("OTX: the API key works")
 

@@ -12,10 +12,7 @@ import time
 import pytest
 
 from tests.harness import TEST_FILTERS, Tool
-from tests.util import ATTR_40103_IP, EVENT_03, EVENT_03_ONLY
-
-EVENT_01 = "c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"
-
+from tests.util import ATTR_40103_IP, EVENT_01, EVENT_03, EVENT_03_ONLY
 
 # --- 1. --check on the default config ---------------------------------------------------------------
 
@@ -76,6 +73,19 @@ def test_an_edit_that_takes_a_value_out_keeps_the_published_one_until_the_republ
     assert republished.code == 0, republished.stderr
     assert published not in tool.owned_keys()
     assert (("IpAddress", "46.101.155.39") in tool.owned_keys()) == (edit == "a typo fixed in the value")
+
+
+def test_an_edited_event_the_edited_read_misses_still_holds_its_values(tool: Tool) -> None:
+    # The read of events being edited pages by offset like any other: an event may slide out of it.
+    # Before deleting, each indicator's own event is asked about by uuid.
+    assert tool.run().code == 0
+    before = tool.owned_keys()
+    tool.misp.tag_event(EVENT_03, "analyst:note")  # unpublished by the edit
+    tool.misp.inject("events", status=200, body=[], times=10, match=lambda rec: rec.body.get("published") is False)
+    result = tool.run("--full-sync")
+    assert result.code == 0, result.stderr
+    assert tool.owned_keys() == before and result.counts["deleted"] == 0
+    assert any("uuid" in c.body for c in tool.misp.calls("events")), "asked about the event by uuid"
 
 
 def test_a_retraction_inside_an_edit_takes_effect_at_the_republish(tool: Tool) -> None:

@@ -19,6 +19,7 @@ from tests.standins.misp import MispStandIn
 from tests.standins.otx import OtxStandIn
 from tests.util import (
     ATTR_40103_IP,
+    EVENT_01,
     MISP_KEY,
     OTX_KEY,
     SAMPLE_KEYS,
@@ -91,7 +92,7 @@ def test_an_event_sliding_to_an_earlier_page_during_a_full_sync_keeps_its_indica
     before = tool.owned_keys()
     # After the second page has been served, event 01 (page 1, already read) is deleted: every later
     # event slides one page back, so one of them is never read in this run.
-    tool.misp.after("events", 2, lambda: tool.misp.remove_event("c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"))
+    tool.misp.after("events", 2, lambda: tool.misp.remove_event(EVENT_01))
     result = tool.run("--full-sync", misp_event_limit_per_page=1, remove_guard_percent=100)
     assert result.code == 0, result.stderr
     assert result.counts["events"] == 4  # five selected at the start; one of them slid past the reader
@@ -200,7 +201,7 @@ def test_killing_a_run_leaves_no_helper_and_the_next_run_starts(tool: Tool, when
         def later_pages(rec) -> bool:
             return isinstance(rec.body, dict) and (rec.body.get("page") or 1) >= 3
 
-        tool.misp.inject("events", delay=3.0, times=10, match=later_pages)
+        tool.misp.inject("events", delay=10.0, times=10, match=later_pages)  # the helper waits on MISP
     child, _ = tool.spawn(misp_event_limit_per_page=1)
     assert wait_for(lambda: len(tool.misp.calls("me")) >= 2), "the helper reader did not start"
     helpers = children_of(child.pid)
@@ -212,7 +213,8 @@ def test_killing_a_run_leaves_no_helper_and_the_next_run_starts(tool: Tool, when
         assert os.readlink(f"/proc/{helper}/fd/1") == os.devnull == os.readlink(f"/proc/{helper}/fd/2")
     child.send_signal(how)
     out, err = child.communicate(timeout=15)  # whoever reads the output sees it end
-    assert wait_for(lambda: all(gone(h) for h in helpers)), "a helper reader outlived its parent"
+    # At once, whatever it was doing: not when its MISP read ends.
+    assert wait_for(lambda: all(gone(h) for h in helpers), seconds=3), "a helper reader outlived its parent"
     if how == signal.SIGTERM:
         assert child.returncode == 1 and "interrupted" in err
     tool.defender._faults.clear()
@@ -604,7 +606,7 @@ def test_otx_lookups_stop_at_max_run_seconds(tool: Tool, otx: OtxStandIn) -> Non
 def test_a_to_ids_filter_does_not_break_the_value_check(tool: Tool) -> None:
     filters = {**TEST_FILTERS, "to_ids": 1}
     assert tool.run(misp_event_filters=filters).code == 0
-    tool.misp.remove_event("c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e")  # event 01 gone: its values are stale
+    tool.misp.remove_event(EVENT_01)  # event 01 gone: its values are stale
     result = tool.run("--full-sync", misp_event_filters=filters, remove_guard_percent=100)
     assert result.code == 0, result.stderr
     assert result.counts["deleted"] > 0
@@ -620,3 +622,56 @@ def test_without_check_if_already_in_defender_no_foreign_indicator_is_overwritte
     assert tool.owned_keys() == SAMPLE_KEYS - {("DomainName", "office-docs-share.xyz")}
     again = tool.run("--full-sync", check_if_already_in_defender=False, defender_severity="High")
     assert again.code == 0 and again.counts["updated"] == again.counts["deleted"] == 0
+
+
+def domain_event(uuid: str, value: str, in_object: bool) -> dict:
+    attribute = {"uuid": uuid[:-1] + "9", "type": "domain", "category": "Network activity", "to_ids": True,
+                 "value": value}
+    where = ({"Object": [{"name": "domain-ip", "meta-category": "network", "template_version": "9",
+                          "template_uuid": "43b3b146-77eb-4931-b4cc-b66c60f28734",
+                          "Attribute": [{**attribute, "object_relation": "domain"}]}], "Attribute": []}
+             if in_object else {"Attribute": [attribute]})
+    return {"Event": {"uuid": uuid, "info": f"event {uuid[:8]}", "published": True,
+                      "Tag": [{"name": 'workflow:state="complete"'}], **where}}
+
+
+def test_the_value_check_reads_objects_only_when_the_read_does(tool: Tool) -> None:
+    loose, boxed = "90000000-0000-4000-8000-000000000001", "91000000-0000-4000-8000-000000000001"
+    tool.misp.add_event(domain_event(loose, "only-in-object.top", in_object=False))
+    tool.misp.add_event(domain_event(boxed, "only-in-object.top", in_object=True))
+    assert tool.run("--full-sync", misp_flatten_attributes=False).code == 0
+    assert ("DomainName", "only-in-object.top") in tool.owned_keys()
+    tool.misp.remove_event(loose)  # what is left is inside an object, which this config does not read
+    result = tool.run("--full-sync", misp_flatten_attributes=False)
+    assert result.code == 0, result.stderr
+    assert ("DomainName", "only-in-object.top") not in tool.owned_keys()
+
+
+def test_a_write_whose_answer_was_lost_still_means_something_changed(tool: Tool) -> None:
+    assert tool.run().code == 0
+    tool.misp.remove_event(EVENT_01)
+    tool.defender.inject("batch_delete", delay=2.0, times=1)  # lands after the client gave up waiting
+    tool.defender.inject("import", status=401, times=1)  # a new token is needed, and Entra is down
+    tool.entra.inject("token", status=503, times=1000, skip=1)
+    result = tool.run("--full-sync", remove_guard_percent=100, defender_severity="High", max_retries=0,
+                      request_timeout=1)
+    assert result.report["fatal"] and result.report["counts"]["deleted"] == 0
+    assert wait_for(lambda: len(tool.owned_keys()) < SAMPLE_COUNT), "the BatchDelete landed"
+    assert result.code == 1, "a BatchDelete was sent: Defender may have changed, so not 2"
+
+
+def test_check_names_an_untrusted_otx_certificate(tool: Tool, tmp_path: Path) -> None:
+    from tests.standins.tls import make_test_pki
+
+    with serving(OtxStandIn(make_test_pki(tmp_path / "other-ca"), key=OTX_KEY)) as otx:
+        check = tool.run("--check", exclude_if_in_alienvault=True, otx_alienvault_api=OTX_KEY,
+                         otx_alienvault_url=otx.url)
+    [line] = [line for line in check.stdout.splitlines() if "✗ OTX" in line]
+    assert "CERTIFICATE_VERIFY_FAILED" in line and "unreachable" not in line
+    assert "REQUESTS_CA_BUNDLE" in check.stdout
+
+
+def test_a_short_sightings_key_is_a_config_warning(tool: Tool) -> None:
+    settings = m2d.build_settings({"misp_domain": "https://misp.example", "misp_key": "k" * 40,
+                                   "sightings_misp_key": "abc", "dry_run": True}, environ={})
+    assert any("sightings_misp_key is shorter than" in note for note in settings.notes)

@@ -93,6 +93,7 @@ SAMPLE_KEYS = {
 assert len(SAMPLE_KEYS) == 36
 
 # Sample event 03 and what only it carries (its sha256 d2f1da08… is also in event 01).
+EVENT_01 = "c5e5fc6c-e9ef-4edd-b2ec-552651e2fd5e"  # sample event 01 (tests/data)
 EVENT_03 = "37018e28-4d6a-4ace-9e41-009656db4192"
 ATTR_40103_IP = "cc1317cf-5a8f-48b9-bb20-2b086aa45cde"  # 46.101.155.38, event 01 only
 EVENT_03_ONLY = {
