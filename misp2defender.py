@@ -4031,6 +4031,7 @@ def plan_items(the_plan: Plan, limit: int) -> dict[str, Any]:
 EVIDENCE_FIELDS = {"sha1": "FileSha1", "sha256": "FileSha256", "ipAddress": "IpAddress", "url": "Url",
                    "domainName": "DomainName"}
 SIGHTING, FALSE_POSITIVE = 0, 1  # MISP's sighting types (2, expiration, is never sent)
+SOURCE_LENGTH = 255  # MISP's sightings.source column
 SIGHTING_OVERLAP = 600.0  # seconds: alerts come in no set order; the last ten minutes are read again
 
 
@@ -4086,9 +4087,9 @@ def evidence_keys(item: Any) -> list[tuple[str, str]] | None:
             if item.get("entityType") != "User":
                 keys += _host_keys(value)
             continue
-        if name == "url":
-            scheme, separator, rest = value.strip().partition("://")
-            keys += _host_keys(urlsplit(value.strip()).hostname or "" if separator else rest.split("/")[0])
+        if name == "url":  # with a scheme or without one (a network destination is often a bare host)
+            text = value.strip()
+            keys += _host_keys(urlsplit(text if "://" in text else "//" + text).hostname or "")
         try:
             keys.append((indicator_type, NORMALISERS[indicator_type](value)))
         except Rejected:
@@ -4104,7 +4105,7 @@ def candidate_sightings(alerts: Iterable[Any], owned: set[tuple[str, str]], sett
     makes a false-positive sighting instead (sightings_false_positive). Evidence items without a
     usable value are counted as skipped.
     """
-    source = settings.sightings_source + (f" ({settings.name})" if settings.name else "")
+    source = settings.sightings_source.strip() + (f" ({settings.name})" if settings.name else "")
     found: dict[tuple, Sighting] = {}
     for alert in alerts:
         counts.alerts_read += 1
@@ -4125,8 +4126,11 @@ def candidate_sightings(alerts: Iterable[Any], owned: set[tuple[str, str]], sett
         kind = (FALSE_POSITIVE if settings.sightings_false_positive and alert.get("classification") == "FalsePositive"
                 else SIGHTING)
         for indicator_type, value in sorted(hits):
+            # MISP trims a sighting's source and keeps 255 characters: ours must come back as sent,
+            # or the exactly-once check would never find it.
+            suffix = f" alert {alert['id']}"
             sighting = Sighting(str(alert["id"]), indicator_type, value, kind, int(min(when, now)),
-                                f"{source} alert {alert['id']}")
+                                source[:max(0, SOURCE_LENGTH - len(suffix))].rstrip() + suffix)
             found[sighting.source, kind, indicator_type, value] = sighting
     counts.matched = len(found)
     return list(found.values())
@@ -4189,7 +4193,7 @@ def sightings_since(settings: Settings, now: float) -> str:
         newest = parse_time(state.get("newest_alert_update")) if isinstance(state, dict) else None
     except (OSError, ValueError):
         newest = None
-    start = max(floor, newest - SIGHTING_OVERLAP) if newest is not None else floor
+    start = max(floor, min(newest, now) - SIGHTING_OVERLAP) if newest is not None else floor
     return format_time(start) or ""
 
 
@@ -4477,8 +4481,10 @@ class TenantRun:
                 counts.added += 1
                 counts.false_positive += sighting.kind == FALSE_POSITIVE
             if not counts.failed:  # a failed one is read again next time (MISP says if it landed after all)
-                newest = max((t for t in (parse_time(a.get("lastUpdateTime")) for a in alerts
-                                          if isinstance(a, dict)) if t is not None), default=None)
+                # An update time in the future (a clock gone wrong) would make every later pass
+                # ask for nothing: the state never passes the time this pass started.
+                newest = max((min(t, now) for t in (parse_time(a.get("lastUpdateTime")) for a in alerts
+                                                    if isinstance(a, dict)) if t is not None), default=None)
                 if newest is not None:
                     write_json(sightings_state_path(s), {"newest_alert_update": format_time(newest)}, s.secrets)
         except Misp2DefenderError as exc:

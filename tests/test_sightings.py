@@ -158,6 +158,32 @@ def test_hostile_alerts_never_crash_and_every_skipped_item_is_counted(tool: Tool
     assert counts["evidence_skipped"] == len(odd)
 
 
+def test_a_network_destination_written_as_a_bare_host_hits_its_owned_domain(tool: Tool, sightings_on: dict) -> None:
+    assert tool.run(**sightings_on).code == 0
+    alert_with(tool, [("url", "www.evil-domain.top:443")])  # no scheme: how Defender often writes it
+    result = tool.run(**sightings_on)
+    assert result.report["sightings"]["added"] == 1
+    assert sightings_by_source(tool) and all(v == {"evil-domain.top"} for v in sightings_by_source(tool).values())
+
+
+@pytest.mark.parametrize("source", ["  Defender, with spaces around  ", "D" * 250])
+def test_a_source_misp_would_trim_or_cut_still_adds_each_sighting_once(tool: Tool, sightings_on: dict,
+                                                                       source: str) -> None:
+    assert tool.run(**sightings_on).code == 0
+    alert_with(tool, [("ipAddress", "185.225.17.88")])
+    assert tool.run(sightings_source=source, **sightings_on).report["sightings"]["added"] == 1
+    again = tool.run(sightings_source=source, **sightings_on)
+    assert again.report["sightings"]["added"] == 0 and len(tool.misp.sightings) == 1
+
+
+def test_an_alert_updated_in_the_future_never_stops_later_sightings(tool: Tool, sightings_on: dict) -> None:
+    assert tool.run(**sightings_on).code == 0
+    alert_with(tool, [("sha1", "bbf3f14daad62c6cbba660465fdbc6f11d75d5a8")], lastUpdateTime="2099-01-01T00:00:00Z")
+    assert tool.run(**sightings_on).report["sightings"]["added"] == 1
+    alert_with(tool, [("ipAddress", "185.225.17.88")])  # a real alert, updated now
+    assert tool.run(**sightings_on).report["sightings"]["added"] == 1
+
+
 def test_an_alert_in_one_tenant_never_sights_a_value_only_another_holds(tool: Tool, sightings_on: dict,
                                                                          pki) -> None:
     from tests.standins.defender import DefenderStandIn
