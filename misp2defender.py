@@ -1156,9 +1156,9 @@ def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = No
     the tenant and the key, before anything is contacted.
     """
     environ = os.environ if environ is None else environ
-    entries = raw.get("tenants", [])
+    entries = raw.get("tenants")
     only = list(only)
-    if not entries:
+    if entries is None or isinstance(entries, (list, tuple)) and not entries:
         if only:
             raise ConfigError(f"--tenant {only[0]}: config.py defines no tenants (see 'Several tenants')")
         return [build_settings(raw, environ, config_path, dry_run, require_credentials=require_credentials)]
@@ -1188,6 +1188,12 @@ def build_tenants(raw: Mapping[str, Any], environ: Mapping[str, str] | None = No
         if own_credential:  # its own credential replaces the top level's (a managed identity, a certificate, ...)
             inherited = {k: v for k, v in inherited.items() if k not in CREDENTIAL_KEYS}
         merged = {**base, **{k: v for k, v in entry.items() if k != "name"}, "graph_auth": {**inherited, **auth}}
+        if "defender_cloud" in entry:  # its cloud names its hosts: not the ones the top level set for another
+            for key in ("defender_api_url", "targetScope"):
+                if key not in entry:
+                    merged.pop(key, None)
+            if "authority" not in auth:
+                merged["graph_auth"].pop("authority", None)
         tenant_environ = environ
         if own_credential:  # ... and the top-level secret too, wherever that one is kept
             variable = SECRET_ENVIRONMENT["client_secret"]
@@ -2771,6 +2777,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+# The fixes for credentials other than a secret or a certificate (FIXES["entra"] covers those).
+IDENTITY_FIX = ("assign a managed identity to this machine (or App Service), name a user-assigned one in "
+                "graph_auth['managed_identity'], and grant it the WindowsDefenderATP app role Ti.ReadWrite.All "
+                "(docs/credentials.md); elsewhere use another credential")
+FEDERATION_FIX = ("check graph_auth['client_assertion_file'] (or AZURE_FEDERATED_TOKEN_FILE): a fresh token the run "
+                  "may read, and on the app registration a federated credential whose issuer, subject and "
+                  "audience match it (docs/credentials.md)")
 # Entra's error codes (AADSTS…) that name the credential at fault; the code list is typed data.
 ENTRA_CODES = {7000215: "client secret (graph_auth['client_secret'])",
                7000222: "client secret (graph_auth['client_secret'], expired)",
@@ -2861,10 +2874,10 @@ class TokenProvider:
             token = Path(self.settings.client_assertion_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeError) as exc:
             raise CredentialError(f"the federated token file {self.settings.client_assertion_file!r} cannot be "
-                                  f"read ({type(exc).__name__})", "entra") from None
+                                  f"read ({type(exc).__name__})", "entra", FEDERATION_FIX) from None
         if not token:
             raise CredentialError(f"the federated token file {self.settings.client_assertion_file!r} is empty",
-                                  "entra")
+                                  "entra", FEDERATION_FIX)
         return token
 
     def _identity_client(self) -> Any:
@@ -2885,8 +2898,7 @@ class TokenProvider:
             raise certificate_error("entra", self.settings.authority, exc) from None
         if problem and self.identity and identity_platform() == IDENTITY_PLATFORMS["DEFAULT_TO_VM"]:
             raise CredentialError("no managed identity answers on this host: IDENTITY_ENDPOINT is not set and "
-                                  "the Azure VM endpoint (IMDS) does not answer; assign an identity to the "
-                                  "machine or use another credential", "entra") from None
+                                  "the Azure VM endpoint (IMDS) does not answer", "entra", IDENTITY_FIX) from None
         if problem or isinstance(exc, msal.exceptions.MsalServiceError):
             raise Retry(f"{type(exc).__name__}: {redact(str(exc), self.settings.secrets)}"[:300])
         raise UnreachableError(f"Entra ID at {self.settings.authority} failed: {type(exc).__name__}: "
@@ -2911,11 +2923,12 @@ class TokenProvider:
             first_line = description.splitlines()[0] if description else ""
             if self.identity:
                 raise CredentialError(f"the managed identity was refused a token for {self.scopes[0]}: {error}: "
-                                      f"{first_line}", "entra")
+                                      f"{first_line}", "entra", IDENTITY_FIX)
             if error in ENTRA_CREDENTIAL_ERRORS:
                 codes = result.get("error_codes") if isinstance(result.get("error_codes"), list) else []
                 which = next((ENTRA_CODES[c] for c in codes if c in ENTRA_CODES), "Entra app credentials")
-                raise CredentialError(f"Entra rejected the {which}: {error}: {first_line}", "entra")
+                raise CredentialError(f"Entra rejected the {which}: {error}: {first_line}", "entra",
+                                      FEDERATION_FIX if self.settings.client_assertion_file else "")
             raise Retry(f"{error}: {first_line}")
 
         return self.policy.run("Entra token request", attempt, service="entra", stats=self.stats, min_wait=1.0)
@@ -4811,7 +4824,7 @@ def run_check(config_path: str, only: Iterable[str] = (), report_path: str | Non
         checks.ok(f"files: {', '.join(written)} can be written")
     except ConfigError as exc:
         checks.error(exc)
-    if tenants and tenants[0].key_vault_names:
+    if tenants and any(t.key_vault_names for t in (tenants[0].common, *tenants)):  # as read_key_vault asks
         try:
             tenants = read_key_vault(tenants, Deadline(tenants[0].max_run_seconds))
             checks.ok(f"Key Vault: {tenants[0].key_vault_url} gave every secret key_vault_secrets names")

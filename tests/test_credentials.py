@@ -97,8 +97,10 @@ def test_an_expired_federated_token_stops_the_run_with_its_fix(tool: Tool) -> No
     result = tool.run(**config)
     assert result.code == 2
     assert "federated token (client_assertion_file: expired or not yet valid" in result.stderr
+    assert "federated credential whose issuer, subject and audience" in result.stderr  # not a secret's fix
     check = tool.run("--check", **config)
     assert "✗ Entra:" in check.stdout and "fix:" in check.stdout
+    assert "client_secret = the secret *value*" not in check.stdout
 
 
 def test_aks_workload_identity_variables_are_used_when_graph_auth_names_no_credential(tool: Tool,
@@ -139,6 +141,19 @@ def test_secrets_from_files_and_key_vault_are_named_in_check_and_never_written(t
     assert "✓ Entra: client secret from Key Vault secret m2d-app-secret" in check.stdout
     written = everything_written(tool, result, check)
     assert TEST_CLIENT_SECRET not in written and MISP_KEY not in written
+
+
+def test_check_reads_key_vault_for_a_tenant_even_when_the_first_has_its_own_credential(tool: Tool, identity,
+                                                                                       keyvault) -> None:
+    keyvault.set_secret("m2d-app-secret", TEST_CLIENT_SECRET)
+    keyvault.grant(DEFAULT_SYSTEM_CLIENT_ID)
+    config = {"graph_auth": {"tenant": TEST_TENANT, "client_id": TEST_CLIENT_ID, "authority": tool.entra.url},
+              "key_vault_url": keyvault.vault_url, "key_vault_secrets": {"client_secret": "m2d-app-secret"},
+              "tenants": [{"name": "own", "graph_auth": {"client_secret": TEST_CLIENT_SECRET}}, {"name": "vaulted"}]}
+    assert tool.run(**config).code == 0
+    check = tool.run("--check", **config)
+    assert check.code == 0, check.stdout
+    assert "✓ Entra: client secret from Key Vault secret m2d-app-secret" in check.stdout
 
 
 def test_a_client_secret_file_and_the_file_wins_over_the_variable(tool: Tool, monkeypatch) -> None:

@@ -232,6 +232,19 @@ def test_a_tenants_own_credential_replaces_the_top_levels_managed_identity(tmp_p
     assert acme.credential.startswith("client secret")
 
 
+def test_a_tenants_own_cloud_names_its_hosts_over_the_top_levels(tmp_path) -> None:
+    raw = {"misp_domain": "https://misp.example/", "misp_key": "k" * 40, "log_file": str(tmp_path / "m2d.log"),
+           "defender_api_url": "https://api-eu.securitycenter.microsoft.com",  # a regional host, commercial
+           "graph_auth": {"tenant": "home-directory", "client_id": "app", "client_secret": "s" * 24},
+           "tenants": [{"name": "home"}, {"name": "agency", "defender_cloud": "gcc-high",
+                                          "graph_auth": {"tenant": "agency-directory"}}]}
+    home, agency = m2d.build_tenants(raw, environ={})
+    assert home.api_url == "https://api-eu.securitycenter.microsoft.com"
+    assert agency.api_url == "https://api-gov.securitycenter.microsoft.us"
+    assert agency.authority == "https://login.microsoftonline.us"
+    assert agency.target_scope == "https://api-gov.securitycenter.microsoft.us/.default"
+
+
 def test_a_tenants_proxies_carry_only_its_own_entra_and_defender(tool: Tool, customers: list[Customer],
                                                                  monkeypatch) -> None:
     from tests.standins.proxy import ProxyStandIn
@@ -249,6 +262,8 @@ def test_a_tenants_proxies_carry_only_its_own_entra_and_defender(tool: Tool, cus
 
 BAD_TENANTS = [
     ({"tenants": {"name": "acme"}}, "config key tenants must be a list"),
+    ({"tenants": {}}, "config key tenants must be a list"),
+    ({"tenants": ""}, "config key tenants must be a list"),
     ({"tenants": ["acme"]}, "entry 1 must be a dict"),
     ({"tenants": [{"graph_auth": {}}]}, "entry 1 needs a 'name'"),
     ({"tenants": [{"name": "bad name!"}]}, "not 'bad name!'"),
