@@ -1024,6 +1024,17 @@ def key_vault_settings(cfg: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
     return url, dict(names)
 
 
+def config_typos(raw: Mapping[str, Any]) -> list[str]:
+    """Keys config.py sets that no setting reads (at the top level and in graph_auth): likely typos."""
+    notes = [f"config key {key} is not a misp2defender setting (a typo?{did_you_mean(key, OPTIONS)}); it is ignored"
+             for key in sorted(set(raw) - set(OPTIONS))]
+    auth = raw.get("graph_auth")
+    if isinstance(auth, dict):
+        notes += [f"config key graph_auth['{key}'] is not known (a typo?{did_you_mean(key, GRAPH_AUTH_KEYS)}); "
+                  "it is ignored" for key in sorted(set(auth) - set(GRAPH_AUTH_KEYS))]
+    return notes
+
+
 def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                    config_path: str = "", dry_run: bool = False, *, name: str = "",
                    require_credentials: bool = True) -> Settings:
@@ -1031,13 +1042,23 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
 
     Runs before any network call: every mistake here names the config key that is wrong. The
     settings in the OPTIONS table are checked by their own check; the ones that depend on other
-    keys (credentials, cloud presets, MISP, OTX, file paths) are checked here.
+    keys (credentials, cloud presets, MISP, OTX, file paths) are checked here. A likely typo is a
+    warning; when the key it was meant to be is then missing, the error says so too.
     """
-    environ = os.environ if environ is None else environ
+    typos = config_typos(raw)
+    try:
+        settings = _checked_settings(raw, os.environ if environ is None else environ, config_path, dry_run,
+                                     name, require_credentials)
+    except ConfigError as exc:
+        if typos:
+            raise ConfigError(f"{exc} ({'; '.join(typos)})", exc.service, exc.fix) from None
+        raise
+    return dataclasses.replace(settings, notes=(*typos, *settings.notes))
+
+
+def _checked_settings(raw: Mapping[str, Any], environ: Mapping[str, str], config_path: str, dry_run: bool,
+                      name: str, require_credentials: bool) -> Settings:
     notes: list[str] = []  # warnings, logged once logging is set up (Settings.notes)
-    for key in sorted(set(raw) - set(OPTIONS)):
-        notes.append(f"config key {key} is not a misp2defender setting (a typo?{did_you_mean(key, OPTIONS)}); "
-                     "it is ignored")
     cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in OPTIONS}}
     fields: dict[str, Any] = {}
     for key, option in OPTIONS.items():
@@ -1047,9 +1068,6 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
                 fields[option.field] = value
 
     auth = _expect("graph_auth", cfg["graph_auth"], dict, "a dict")
-    for key in sorted(set(auth) - set(GRAPH_AUTH_KEYS)):
-        notes.append(f"config key graph_auth['{key}'] is not known (a typo?{did_you_mean(key, GRAPH_AUTH_KEYS)}); "
-                     "it is ignored")
     auth_values = {key: _expect(f"graph_auth['{key}']", auth.get(key) or "", str, "a string").strip()
                    for key in GRAPH_AUTH_KEYS if key != "managed_identity"}
     vault_url, vault_names = key_vault_settings(cfg)
@@ -1249,7 +1267,8 @@ def setup_logging(settings: Settings | None, verbosity: int, secrets: list[str] 
     handlers: list[logging.Handler] = []
     console = logging.StreamHandler(sys.stderr)
     console.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
-    console.addFilter(lambda record: getattr(record, "console", True))  # file-only records (errors said once)
+    # File-only records: errors said once; and PyMISP's own lines, which our error message says better.
+    console.addFilter(lambda record: getattr(record, "console", True) and not record.name.startswith("pymisp"))
     handlers.append(console)
     if settings and settings.log_file:
         private_file(settings.log_file)  # the log names indicators: owner-only
@@ -3210,7 +3229,9 @@ class DefenderClient:
             permission = "Alert.Read.All" if endpoint == "alerts" else "Ti.ReadWrite.All"
             raise CredentialError(
                 f"Defender refused {endpoint} ({detail}). Grant the Entra app the WindowsDefenderATP "
-                f"application permission {permission} and an admin consent", "defender")
+                f"application permission {permission} and an admin consent", "defender",
+                f"grant the app (or managed identity) WindowsDefenderATP's application permission {permission}, "
+                "with admin consent")
         raise DefenderError(f"Defender {endpoint} answered {response.status_code}: {detail}")
 
     def list_indicators(self, page_size: int = LIST_PAGE, limit: int | None = None,
@@ -4267,6 +4288,7 @@ def run(tenants: list[Settings], args: argparse.Namespace, report: Report, deadl
         for r in runs:
             r.close()
     if dry_run:
+        PROGRESS.clear()  # the plan starts on a clean line
         for r in runs:
             if r.plan_text:
                 print(redact(r.plan_text if single else f"== tenant {r.settings.name} ==\n{r.plan_text}",

@@ -54,6 +54,20 @@ def test_check_warns_about_a_likely_typo_with_the_key_it_meant(tool: Tool) -> No
     assert "did you mean defender_action?" in run.stderr
 
 
+@pytest.mark.parametrize("typo,meant", [("misp_kye", "misp_key"), ("graph_auth['tennant']", "tenant")])
+def test_a_typo_that_leaves_a_required_key_missing_names_both(tool: Tool, typo: str, meant: str) -> None:
+    if typo == "misp_kye":
+        config = {"misp_key": "", "misp_kye": "k" * 40}
+    else:
+        auth = {k: v for k, v in tool.defaults["graph_auth"].items() if k != "tenant"}
+        config = {"graph_auth": {**auth, "tennant": "directory-id"}}
+    result = tool.run(**config)
+    assert result.code == 2
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("misp2defender: error:")]
+    assert "is required" in error and f"did you mean {meant}?" in error
+    assert tool.misp.calls() == [] and tool.entra.calls() == []
+
+
 # --- 2. and 3. Counts that add up, and the plan in the report --------------------------------------
 
 def test_the_reports_plan_matches_the_printed_counts_and_what_defender_received(tool: Tool) -> None:
@@ -93,6 +107,9 @@ def test_progress_shows_on_a_terminal_and_never_in_a_pipe(tool: Tool) -> None:
     assert "\r" not in piped.stdout and "\x1b[K" not in piped.stdout and "\r" not in piped.stderr
     log = (tool.tmp / "misp2defender.log").read_text()
     assert "\x1b[K" not in log
+    code, shown = tool.run_in_terminal("--dry-run")
+    assert code == 0
+    assert "\r\x1b[KPlan:" in shown.replace("\r\n", "\n")  # the progress line is cleared before the plan
 
 
 def test_quiet_prints_only_errors_and_the_summary(tool: Tool) -> None:
@@ -116,6 +133,14 @@ def test_a_fatal_error_is_printed_once_with_the_fix_for_its_kind(tool: Tool) -> 
     log = (tool.tmp / "misp2defender.log").read_text()
     assert "Entra rejected the client secret" in log and "misp2defender 1.0.0: incremental run with" in log
     assert "misp2defender finished in" in log
+
+
+def test_a_rejected_misp_key_is_one_error_without_pymisps_own_lines(tool: Tool) -> None:
+    bad = tool.run(misp_key="a-key-misp-does-not-know-0123456789")
+    assert bad.code == 2
+    assert bad.stderr.count("misp2defender: error: MISP rejected the API key") == 1
+    assert " pymisp: " not in bad.stderr, bad.stderr  # PyMISP's own lines say it again, worse
+    assert " pymisp: " in (tool.tmp / "misp2defender.log").read_text()  # kept in the log
 
 
 def test_a_missing_config_and_a_syntax_error_get_their_own_fixes(tool: Tool) -> None:

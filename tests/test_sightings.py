@@ -158,6 +158,17 @@ def test_hostile_alerts_never_crash_and_every_skipped_item_is_counted(tool: Tool
     assert counts["evidence_skipped"] == len(odd)
 
 
+def test_check_tests_the_alerts_permission_and_names_the_right_one(tool: Tool, sightings_on: dict) -> None:
+    granted = tool.run("--check", **sightings_on)
+    assert "✓ Defender: this app may read alerts (Alert.Read.All)" in granted.stdout, granted.stdout
+    tool.entra.set_roles(TEST_CLIENT_ID, ("Ti.ReadWrite.All",))
+    refused = tool.run("--check", **sightings_on)
+    assert refused.code == 2
+    lines = refused.stdout.splitlines()
+    [at] = [n for n, line in enumerate(lines) if "✗ Defender" in line and "alerts" in line]
+    assert "Alert.Read.All" in lines[at + 1] and "Ti.ReadWrite.All" not in lines[at + 1]  # the fix line
+
+
 def test_a_network_destination_written_as_a_bare_host_hits_its_owned_domain(tool: Tool, sightings_on: dict) -> None:
     assert tool.run(**sightings_on).code == 0
     alert_with(tool, [("url", "www.evil-domain.top:443")])  # no scheme: how Defender often writes it
