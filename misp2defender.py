@@ -2256,6 +2256,9 @@ class Tally:
         return seen
 
 
+EVICTED_LISTED = 1000  # of the values the cap leaves out while MISP is read, the best this many are listed
+
+
 @dataclass
 class CandidateSet:
     """What Defender should hold, as full records: the keys it holds, and the ``room`` best others.
@@ -2271,7 +2274,8 @@ class CandidateSet:
     candidates: dict[tuple[str, str], Candidate] = field(default_factory=dict)
     retractions: dict[tuple[str, str], str] = field(default_factory=dict)
     evicted: int = 0  # distinct candidates dropped for lack of room (the tenant cap); set by finish()
-    evicted_sample: list[Candidate] = field(default_factory=list)
+    evicted_sample: list[Candidate] = field(default_factory=list)  # the best of them, best first; set by finish()
+    _evicted_best: list = field(default_factory=list, repr=False)  # min-heap of the best EVICTED_LISTED
     _others: int = 0  # resident candidates outside ``interesting``
     _pushes: int = 0  # heap tie-breaker
     _heap: list = field(default_factory=list, repr=False)
@@ -2316,8 +2320,12 @@ class CandidateSet:
         heapq.heappush(self._heap, (priority, self._pushes, candidate))
 
     def _evict(self, candidate: Candidate) -> None:
-        if len(self.evicted_sample) < 1000:
-            self.evicted_sample.append(candidate)
+        """Keep the best evicted ones: the report lists them after the ones in line, in cap order."""
+        entry = (cap_priority(candidate), id(candidate), candidate)
+        if len(self._evicted_best) < EVICTED_LISTED:
+            heapq.heappush(self._evicted_best, entry)
+        elif entry[0] > self._evicted_best[0][0]:
+            heapq.heapreplace(self._evicted_best, entry)
 
     def absorb(self, other: CandidateSet) -> None:
         """Fold in another reader's set (or, into a new empty set, one collected before the bounds)."""
@@ -2325,7 +2333,7 @@ class CandidateSet:
             self.retract(key, reason)
         for candidate in other.candidates.values():
             self.place(candidate)
-        for candidate in other.evicted_sample:
+        for _, _, candidate in other._evicted_best:
             self._evict(candidate)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -2341,7 +2349,11 @@ class CandidateSet:
                 else sum(1 for key in self.candidates if key in self.interesting))
         self.evicted = distinct - held - self._others
         self._heap = []
-        self.evicted_sample = [c for c in self.evicted_sample if c.key not in self.candidates]
+        best = {}  # one per key (a value may have been evicted twice), best first
+        for _, _, candidate in sorted(self._evicted_best, key=lambda e: e[0], reverse=True):
+            if candidate.key not in self.candidates:
+                best.setdefault(candidate.key, candidate)
+        self.evicted_sample = list(best.values())
 
 
 class Desired:
@@ -3466,7 +3478,7 @@ class Plan:
     replaced_first: list[Deletion] = field(default_factory=list)  # no room: deleted before their successor
     keeps: Counter = field(default_factory=Counter)
     waiting: list[Change] = field(default_factory=list)  # left out by the cap, best first: the next in line
-    evicted: int = 0  # left out by the cap while MISP was read (only a sample is kept)
+    evicted: int = 0  # left out by the cap while MISP was read (only the best EVICTED_LISTED are kept)
     evicted_sample: list[Candidate] = field(default_factory=list)
     deletes_withheld: str = ""
     owned: int = 0
@@ -3483,7 +3495,7 @@ class Plan:
 
     @property
     def left_out(self) -> list[Candidate]:
-        """What the cap left out: the ones in line first, then a sample of those dropped while reading."""
+        """What the cap left out, best first: the ones in line, then the best of those dropped while reading."""
         return [c.candidate for c in self.waiting] + self.evicted_sample
 
     def summary(self) -> dict[str, int]:
@@ -4009,7 +4021,9 @@ def format_plan(the_plan: Plan, report_limit: int, limit: int = 200) -> str:
         lines.append(f"{title} ({total}):")
         lines.extend(f"  {row(item)}" for item in items[:limit])  # only the rows shown are written out
         if total > limit:
-            more = "for all" if report_limit >= total else f"for the first {report_limit} (report_plan_limit)"
+            listed = min(report_limit, len(items))  # what the report can list: every one, or the first
+            more = "for all" if listed >= total else f"for the first {listed}" + (
+                " (report_plan_limit)" if listed == report_limit else "")
             lines.append(f"  ... and {total - limit} more (use --report FILE {more})")
 
     def change(c: Change) -> str:

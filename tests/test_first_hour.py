@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import TEST_FILTERS, Tool
-from tests.util import ROOT, TEST_CLIENT_ID
+from tests.util import ROOT, TEST_CLIENT_ID, distinct_sha256_events
 
 # --- 1. --check in stages ------------------------------------------------------------------------
 
@@ -94,6 +94,20 @@ def test_the_report_keeps_the_counts_exact_when_it_lists_only_some(tool: Tool) -
     result = tool.run("--dry-run", report_plan_limit=5)
     plan = result.report["plan"]
     assert plan["counts"]["create"] == 36 and len(plan["create"]) == 5 and plan["truncated"] is True
+
+
+def test_a_long_left_out_list_is_the_real_next_in_line_and_says_how_much_it_holds(tool: Tool) -> None:
+    for event in distinct_sha256_events(3000):
+        tool.misp.add_event(event)
+    wider = tool.run("--dry-run", defender_max_indicators=1200, report_plan_limit=5000)
+    capped = tool.run("--dry-run", defender_max_indicators=200, report_plan_limit=5000)
+    next_in_line = {i["value"] for i in wider.report["plan"]["create"]} - {
+        i["value"] for i in capped.report["plan"]["create"]}
+    listed = capped.report["plan"]["left_out"]
+    assert len(next_in_line) == 1000 and len(listed) == 1000 < capped.report["plan"]["counts"]["left_out"]
+    assert {i["value"] for i in listed} == next_in_line  # the best of those left out, not any 1,000
+    assert [i["priority"] for i in listed] == list(range(1, 1001))
+    assert "(use --report FILE for the first 1000)" in capped.stdout
 
 
 # --- 4. Progress on a terminal, never in a pipe ---------------------------------------------------
