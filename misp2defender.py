@@ -1024,6 +1024,12 @@ def key_vault_settings(cfg: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
     return url, dict(names)
 
 
+MISP_KEY_MISSING = ("config key misp_key is required (or set MISP2DEFENDER_MISP_KEY, or MISP2DEFENDER_MISP_KEY_FILE, "
+                    "or key_vault_secrets): a MISP API key that can read events")
+OTX_KEY_MISSING = ("config key otx_alienvault_api is required when exclude_if_in_alienvault is True (or set "
+                   "MISP2DEFENDER_OTX_KEY)")
+
+
 def config_typos(raw: Mapping[str, Any]) -> list[str]:
     """Keys config.py sets that no setting reads (at the top level and in graph_auth): likely typos."""
     notes = [f"config key {key} is not a misp2defender setting (a typo?{did_you_mean(key, OPTIONS)}); it is ignored"
@@ -1108,9 +1114,8 @@ def _checked_settings(raw: Mapping[str, Any], environ: Mapping[str, str], config
         raise ConfigError("config key misp_domain is required: the full URL of your MISP instance")
     if not misp_url.startswith(("http://", "https://")):
         raise ConfigError(f"config key misp_domain must start with https:// or http://, not {misp_url!r}")
-    if not misp_key and not sources["misp_key"]:
-        raise ConfigError("config key misp_key is required (or set MISP2DEFENDER_MISP_KEY, or "
-                          "MISP2DEFENDER_MISP_KEY_FILE, or key_vault_secrets): a MISP API key that can read events")
+    if not misp_key and not sources["misp_key"] and require_credentials:  # (--check: the MISP stage says so)
+        raise ConfigError(MISP_KEY_MISSING)
 
     dry_run = fields["dry_run"] or dry_run
     if not dry_run and require_credentials and not identity:
@@ -1130,9 +1135,8 @@ def _checked_settings(raw: Mapping[str, Any], environ: Mapping[str, str], config
         if not re.fullmatch(r"[0-9A-Fa-f]{40}", auth_values["client_certificate_thumbprint"].replace(":", "")):
             raise ConfigError("config key graph_auth['client_certificate_thumbprint'] must be the "
                               "certificate's SHA-1 thumbprint (40 hex digits)")
-    if fields["exclude_if_in_alienvault"] and not (otx_key or sources["otx_alienvault_api"]):
-        raise ConfigError("config key otx_alienvault_api is required when exclude_if_in_alienvault "
-                          "is True (or set MISP2DEFENDER_OTX_KEY)")
+    if fields["exclude_if_in_alienvault"] and not (otx_key or sources["otx_alienvault_api"]) and require_credentials:
+        raise ConfigError(OTX_KEY_MISSING)
 
     fields["decay_model"], fields["decay_threshold"] = decay_settings(cfg["decay_model"], cfg["decay_threshold"])
     # Files the run writes: a relative path is taken from the config file's directory (not cron's
@@ -4871,7 +4875,8 @@ def run_check(config_path: str, only: Iterable[str] = (), report_path: str | Non
         shared = tenants[0].common
         kept = [f"{label} from {shared.sources[key]}" for key, label in (("misp_key", "MISP key"),
                 ("otx_alienvault_api", "OTX key")) if shared.sources.get(key)]
-        checks.ok(f"secrets: {'; '.join(kept)}")
+        if kept:
+            checks.ok(f"secrets: {'; '.join(kept)}")
     if tenants:
         check_stages(checks, [dataclasses.replace(t, max_retries=min(t.max_retries, 1)) for t in tenants])
     pymisp_log.propagate = True
@@ -4884,9 +4889,12 @@ def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
     policy = shared.retry_policy(Deadline(shared.max_run_seconds))
     misp: MispSource | None = None
     try:
-        misp = MispSource(shared, policy)
-        version = (misp.misp.misp_instance_version or {}).get("version", "?")
-        checks.ok(f"MISP: {shared.misp_url} answers (MISP {version}) and accepts the API key")
+        if shared.misp_key:
+            misp = MispSource(shared, policy)
+            version = (misp.misp.misp_instance_version or {}).get("version", "?")
+            checks.ok(f"MISP: {shared.misp_url} answers (MISP {version}) and accepts the API key")
+        else:
+            checks.fail(f"MISP: {MISP_KEY_MISSING}", FIXES["misp_key"])
     except Misp2DefenderError as exc:
         checks.error(exc)
     if shared.misp_sightings:
@@ -4911,7 +4919,7 @@ def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
         check_defender(checks, tenant, policy)
     if shared.exclude_if_in_alienvault:
         checks.indent = "  "
-        problem = OtxClient(shared, policy).check_key()
+        problem = OtxClient(shared, policy).check_key() if shared.otx_key else ConfigError(OTX_KEY_MISSING, "otx")
         if problem:
             checks.fail(f"OTX: {problem}", fix_for(problem))
         else:

@@ -46,6 +46,18 @@ def test_no_matching_event_is_a_warning_with_its_likely_causes(tool: Tool) -> No
     assert "the tags filter" in result.stdout and "publish_timestamp" in result.stdout
 
 
+def test_check_without_the_misp_and_otx_keys_still_checks_every_other_stage(tool: Tool) -> None:
+    result = tool.run("--check", misp_key="", exclude_if_in_alienvault=True, otx_alienvault_api="")
+    assert result.code == 2
+    out = result.stdout
+    assert "✓ config:" in out and "✗ MISP: config key misp_key is required" in out
+    assert "✓ Entra:" in out and "✓ Defender:" in out  # the later stages ran
+    assert "✗ OTX: config key otx_alienvault_api is required" in out
+    assert tool.misp.calls() == []
+    run = tool.run(misp_key="")
+    assert run.code == 2 and "misp_key is required" in run.stderr  # a run still stops before any call
+
+
 def test_check_warns_about_a_likely_typo_with_the_key_it_meant(tool: Tool) -> None:
     result = tool.run("--check", defender_actoin="Block")
     assert "⚠ config: config key defender_actoin is not a misp2defender setting (a typo? did you mean " \
