@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             banner("Look around, or run the tool yourself")
             print(f"  config:  {config}\n  log:     {work / 'misp2defender.log'}\n  report:  {report}")
             print(f"  parsed:  {work / 'misp2defender_indicators.json'}")
+            if not args.serve:
+                print("\n  The stand-ins stop now. To run the tool by hand against them, start the sandbox "
+                      "with --serve too\n  (it then prints the commands, the CA included).")
         if args.serve:
             environment = {"REQUESTS_CA_BUNDLE": str(pki.ca_path), "NO_PROXY": "127.0.0.1,localhost"}
             exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in environment.items())

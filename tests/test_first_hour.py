@@ -215,6 +215,32 @@ def test_the_sandbox_keeps_its_files_when_asked(tmp_path: Path) -> None:
     assert f"config:  {keep / 'config.py'}" in done.stdout
 
 
+def test_the_sandbox_serves_its_stand_ins_for_the_printed_commands(tmp_path: Path) -> None:
+    import shlex
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MISP2DEFENDER_")}
+    sandbox = subprocess.Popen([sys.executable, str(ROOT / "tests" / "sandbox.py"), "--serve", "--keep",
+                                str(tmp_path / "sandbox")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert sandbox.stdout is not None
+        printed: list[str] = []
+        while not (printed and printed[-1].endswith("--dry-run") and any("stay up" in p for p in printed)):
+            line = sandbox.stdout.readline()
+            assert line, "the sandbox ended before printing its commands"
+            printed.append(line.strip())
+        [exports] = [line for line in printed if line.startswith("export ")]
+        [check] = [line for line in printed if line.endswith("--check")]
+        variables = dict(word.split("=", 1) for word in shlex.split(exports)[1:])
+        done = subprocess.run(shlex.split(check), capture_output=True, text=True, env={**env, **variables},
+                              timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "All checks passed." in done.stdout
+    finally:
+        sandbox.send_signal(signal.SIGINT)
+        assert sandbox.wait(timeout=30) == 0
+
+
 def test_there_is_a_licence() -> None:
     licence = (ROOT / "LICENSE").read_text()
     assert "BSD 2-Clause" in licence or "Redistribution and use in source and binary forms" in licence
