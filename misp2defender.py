@@ -3080,6 +3080,8 @@ ENDPOINT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
     "alerts": ((100, 60.0), (1500, 3600.0)),
 }
 WRITE_ENDPOINTS = ("import", "submit", "delete", "batch_delete")
+PERMISSION_FIX = ("in Entra, API permissions → APIs my organization uses → WindowsDefenderATP → Application "
+                  "permission {}, then 'Grant admin consent'")
 # The application roles that let an app write indicators (.All: every indicator; without: its own).
 WRITE_ROLES = ("Ti.ReadWrite.All", "Ti.ReadWrite")
 LIST_PAGE = 10000
@@ -3246,8 +3248,7 @@ class DefenderClient:
             raise CredentialError(
                 f"Defender refused {endpoint} ({detail}). Grant the Entra app the WindowsDefenderATP "
                 f"application permission {permission} and an admin consent", "defender",
-                f"grant the app (or managed identity) WindowsDefenderATP's application permission {permission}, "
-                "with admin consent")
+                PERMISSION_FIX.format(permission))
         raise DefenderError(f"Defender {endpoint} answered {response.status_code}: {detail}")
 
     def list_indicators(self, page_size: int = LIST_PAGE, limit: int | None = None,
@@ -4755,8 +4756,7 @@ FIXES = {
     "entra": "check graph_auth: tenant = Directory ID, client_id = Application ID, client_secret = the secret "
              "*value* (not its ID), or the certificate and its thumbprint",
     "entra_reach": "allow HTTPS to the login host (graph_auth['authority']) or set proxies / HTTPS_PROXY",
-    "defender": "in Entra, API permissions → APIs my organization uses → WindowsDefenderATP → Application "
-                "permission Ti.ReadWrite.All, then 'Grant admin consent'",
+    "defender": PERMISSION_FIX.format("Ti.ReadWrite.All"),
     "defender_reach": "allow HTTPS to defender_api_url or set proxies / HTTPS_PROXY",
     "otx": "check otx_alienvault_api (OTX → Settings → API key) and HTTPS to otx_alienvault_url",
     "keyvault": "check key_vault_url and key_vault_secrets, and that the identity reading the vault (graph_auth's "
