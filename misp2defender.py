@@ -327,6 +327,14 @@ class Retry(Exception):
         self.problem, self.wait, self.final = problem, wait, final
 
 
+def time_scale_from_environment() -> float:
+    """Tests shrink the quota windows and the retry backoff with MISP2DEFENDER_TIME_SCALE; users never need it."""
+    try:
+        return float(os.environ.get("MISP2DEFENDER_TIME_SCALE", "1"))
+    except ValueError:
+        return 1.0
+
+
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential backoff with jitter, so that many clients do not retry in step."""
     return min(cap, base * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -345,6 +353,7 @@ class RetryPolicy:
     max_wait: float
     deadline: Deadline
     sleep: Callable[[float], None] = time.sleep
+    backoff_scale: float = 1.0  # the tests' time scale; 1 for users
 
     def run(self, what: str, attempt: Callable[[], T], *, fail: type[Misp2DefenderError] = UnreachableError,
             service: str = "", stats: EndpointStats | None = None, min_wait: float = 0.0,
@@ -359,7 +368,8 @@ class RetryPolicy:
                 if number >= self.max_retries:
                     raise (retry.final or fail)(f"{what} failed after {number + 1} attempts: {retry.problem}",
                                                 service) from None
-                wait = max(min_wait, backoff(number) if retry.wait is None else retry.wait)
+                wait = max(min_wait * self.backoff_scale,
+                           backoff(number) * self.backoff_scale if retry.wait is None else retry.wait)
                 self.check_wait(what, wait, service)
                 log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s; retrying in %.1f s",
                         what, retry.problem, wait)
@@ -887,7 +897,7 @@ class Settings:
         return f"client secret from {self.sources.get('client_secret') or 'nowhere'}"
 
     def retry_policy(self, deadline: Deadline) -> RetryPolicy:
-        return RetryPolicy(self.max_retries, self.max_retry_wait, deadline)
+        return RetryPolicy(self.max_retries, self.max_retry_wait, deadline, backoff_scale=time_scale_from_environment())
 
     @property
     def secrets(self) -> list[str]:
@@ -3060,14 +3070,6 @@ def read_key_vault(tenants: list[Settings], deadline: Deadline) -> list[Settings
                                                 for key, name in settings.key_vault_names.items()})
     shared = filled(common) if tenants[0].shared else None
     return [dataclasses.replace(filled(t), shared=shared) for t in tenants]
-
-
-def time_scale_from_environment() -> float:
-    """Tests shrink the quota windows with MISP2DEFENDER_TIME_SCALE; users never need it."""
-    try:
-        return float(os.environ.get("MISP2DEFENDER_TIME_SCALE", "1"))
-    except ValueError:
-        return 1.0
 
 
 # Documented per-endpoint limits: (calls, window seconds).
