@@ -51,6 +51,7 @@ import logging
 import math
 import multiprocessing
 import os
+import queue
 import random
 import re
 import resource
@@ -243,6 +244,9 @@ def epoch_or(value: Any, default: float = 0.0) -> float:
     return number if math.isfinite(number) and abs(number) < MAX_EPOCH else default
 
 
+STOPPING = threading.Event()  # SIGTERM: every deadline has passed, so no thread starts another call
+
+
 class Deadline:
     """The end of the run (max_run_seconds): no wait may pass it and no write starts after it."""
 
@@ -251,7 +255,7 @@ class Deadline:
         self.at = clock() + seconds
 
     def remaining(self) -> float:
-        return self.at - self.clock()
+        return 0.0 if STOPPING.is_set() else self.at - self.clock()
 
     @property
     def passed(self) -> bool:
@@ -3089,10 +3093,31 @@ WRITE_ROLES = ("Ti.ReadWrite.All", "Ti.ReadWrite")
 LIST_PAGE = 10000
 
 
+class Decoder:
+    """The one thread that parses listing pages, whichever tenant they are for. A daemon: a run
+    stopped by a signal at any line never waits for it at exit."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="decoder", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            future, function, args = self.jobs.get()
+            try:
+                future.set_result(function(*args))
+            except BaseException as exc:  # the caller gets it from result()
+                future.set_exception(exc)
+
+    def submit(self, function: Callable[..., T], *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((future, function, args))
+        return future
+
+
 @functools.cache
-def decoder() -> concurrent.futures.ThreadPoolExecutor:
-    """The one thread that parses listing pages, whichever tenant they are for."""
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decoder")
+def decoder() -> Decoder:
+    return Decoder()
 
 
 def decode_page(endpoint: str, response: Any, convert: Callable[[dict], Any] | None) -> tuple[list, Any, int]:
@@ -5037,11 +5062,13 @@ class Terminated(BaseException):
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    STOPPING.set()  # the tenants' threads start no other call; this one unwinds
     raise Terminated(f"stopped by signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    STOPPING.clear()  # (main may run more than once in a process: tests, embedding callers)
     if args.check:
         return run_check(args.config, args.tenant, args.report)
     report = Report()

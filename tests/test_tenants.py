@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from tests.util import (
     TEST_CLIENT_SECRET,
     m2d,
     serving,
+    wait_for,
 )
 
 EVENT_01 = {  # event 01 carries misp:threat-level="high-risk" (tests/data/README.md)
@@ -285,3 +288,17 @@ def test_a_malformed_tenants_list_stops_before_anything_is_contacted(tool: Tool,
     assert result.code == 2
     assert message in result.stderr
     assert tool.misp.calls() == [] and tool.entra.calls() == [] and tool.defender.calls() == []
+
+
+def test_sigterm_stops_every_tenant_at_its_next_call(tool: Tool, customers: list[Customer]) -> None:
+    acme, globex, _ = customers
+    for customer in (acme, globex):
+        customer.defender.inject("import", delay=1.0, times=100)  # 8 slow batches each
+    child, _ = tool.spawn(max_indicators_per_query=5, tenants=[acme.entry(), globex.entry()])
+    assert wait_for(lambda: acme.defender.calls("import") and globex.defender.calls("import"), seconds=30)
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 1 and "interrupted" in err
+    assert time.monotonic() - started < 5, "the tenants' threads went on importing after SIGTERM"
+    assert len(acme.defender.calls("import")) < 8 and len(globex.defender.calls("import")) < 8

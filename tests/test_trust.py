@@ -172,14 +172,16 @@ def test_a_retracted_vetted_value_goes_although_an_unvetted_copy_remains(tool: T
 # --- 5. The helper reader never outlives its parent ---------------------------------------------
 
 def children_of(pid: int) -> list[int]:
+    """The Python processes ``pid`` started (not a short-lived tool a library may run, such as uname)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 status = (entry / "status").read_text()
+                command = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if f"\nPPid:\t{pid}\n" in status:
+            if f"\nPPid:\t{pid}\n" in status and b"python" in command:
                 found.append(int(entry.name))
     return found
 
