@@ -317,6 +317,7 @@ class EndpointStats:
     retries: int = 0
     throttled: int = 0
     waited_seconds: float = 0.0
+    unrefused: int = 0  # calls not refused outright (2xx, 5xx, no answer): a write among them may have landed
 
 
 class Retry(Exception):
@@ -334,9 +335,10 @@ class Retry(Exception):
 def time_scale_from_environment() -> float:
     """Tests shrink the quota windows and the retry backoff with MISP2DEFENDER_TIME_SCALE; users never need it."""
     try:
-        return float(os.environ.get("MISP2DEFENDER_TIME_SCALE", "1"))
+        scale = float(os.environ.get("MISP2DEFENDER_TIME_SCALE", "1"))
     except ValueError:
         return 1.0
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
@@ -2293,7 +2295,8 @@ class CandidateSet:
     retractions: dict[tuple[str, str], str] = field(default_factory=dict)
     evicted: int = 0  # distinct candidates dropped for lack of room (the tenant cap); set by finish()
     evicted_sample: list[Candidate] = field(default_factory=list)  # the best of them, best first; set by finish()
-    _evicted_best: list = field(default_factory=list, repr=False)  # min-heap of the best EVICTED_LISTED
+    _evicted_best: dict = field(default_factory=dict, repr=False)  # key → the best EVICTED_LISTED keys' entries
+    _evicted_heap: list = field(default_factory=list, repr=False)  # their weakest first (stale entries skipped)
     _others: int = 0  # resident candidates outside ``interesting``
     _pushes: int = 0  # heap tie-breaker
     _heap: list = field(default_factory=list, repr=False)
@@ -2320,6 +2323,8 @@ class CandidateSet:
         self.candidates[key] = candidate
         self._others += 1
         self._push(priority, candidate)
+        if self._evicted_best:
+            self._evicted_best.pop(key, None)  # resident now: not left out
         while self._others > self.room:
             weakest = heapq.heappop(self._heap)[2]
             weakest_key = (weakest.indicator_type, weakest.value)
@@ -2338,12 +2343,22 @@ class CandidateSet:
         heapq.heappush(self._heap, (priority, self._pushes, candidate))
 
     def _evict(self, candidate: Candidate) -> None:
-        """Keep the best evicted ones: the report lists them after the ones in line, in cap order."""
-        entry = (cap_priority(candidate), id(candidate), candidate)
-        if len(self._evicted_best) < EVICTED_LISTED:
-            heapq.heappush(self._evicted_best, entry)
-        elif entry[0] > self._evicted_best[0][0]:
-            heapq.heapreplace(self._evicted_best, entry)
+        """Keep the best evicted keys (one entry each): the report lists them after the ones in line."""
+        key, entry = candidate.key, (cap_priority(candidate), id(candidate), candidate)
+        best, heap = self._evicted_best, self._evicted_heap
+        present = best.get(key)
+        if present is not None or len(best) < EVICTED_LISTED:
+            if present is None or entry[0] > present[0]:
+                best[key] = entry
+                heapq.heappush(heap, entry)
+            return
+        while heap and best.get(heap[0][2].key) is not heap[0]:
+            heapq.heappop(heap)  # stale: that key holds a stronger entry now, or none
+        if not heap:  # unpickled: the heap is only an index over ``best``
+            heap.extend(sorted(best.values(), key=lambda e: e[0]))
+        if entry[0] > heap[0][0]:
+            del best[heapq.heapreplace(heap, entry)[2].key]
+            best[key] = entry
 
     def absorb(self, other: CandidateSet) -> None:
         """Fold in another reader's set (or, into a new empty set, one collected before the bounds)."""
@@ -2351,12 +2366,12 @@ class CandidateSet:
             self.retract(key, reason)
         for candidate in other.candidates.values():
             self.place(candidate)
-        for _, _, candidate in other._evicted_best:
+        for _, _, candidate in other._evicted_best.values():
             self._evict(candidate)
 
     def __getstate__(self) -> dict[str, Any]:
         # The heap is only a working index over ``candidates``: rebuilt where it is needed.
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "_heap": []}
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "_heap": [], "_evicted_heap": []}
 
     def finish(self, distinct: int) -> None:
         """Settle: a value one attribute retracts but another still carries is kept; count the evicted."""
@@ -2367,11 +2382,9 @@ class CandidateSet:
                 else sum(1 for key in self.candidates if key in self.interesting))
         self.evicted = distinct - held - self._others
         self._heap = []
-        best = {}  # one per key (a value may have been evicted twice), best first
-        for _, _, candidate in sorted(self._evicted_best, key=lambda e: e[0], reverse=True):
-            if candidate.key not in self.candidates:
-                best.setdefault(candidate.key, candidate)
-        self.evicted_sample = list(best.values())
+        self._evicted_heap = []
+        self.evicted_sample = [entry[2] for entry in sorted(self._evicted_best.values(), key=lambda e: e[0],
+                                                            reverse=True) if entry[2].key not in self.candidates]
 
 
 class Desired:
@@ -3225,7 +3238,10 @@ class DefenderClient:
                 except requests.RequestException as exc:
                     if transport_problem(exc) == "certificate":
                         raise certificate_error("defender", self.settings.api_url, exc) from None
+                    stats.unrefused += 1  # the answer was lost, not the request
                     raise Retry(type(exc).__name__) from None
+                if not 400 <= response.status_code < 500:
+                    stats.unrefused += 1
                 self._log_response(method, url, response)
                 if response.status_code == 401 and not renewed:
                     log.info("Defender answered 401: getting a new token and retrying once")
@@ -3645,6 +3661,11 @@ def plan(desired: Desired, existing: Iterable[Existing], settings: Settings, *,
         elif same_action:
             keep = same_action[0]
             reason = update_reason(candidate, keep, settings, now)
+            if not reason and full_sync and read_complete and keep.event_uuid \
+                    and candidate.event_uuid.lower() != keep.event_uuid:
+                # The description names the event a held value is kept for while that event is being
+                # edited: a whole read says which event gives the value now.
+                reason = "now from another event"
             if reason:
                 result.updates.append(Change(candidate, reason))
             else:
@@ -3868,8 +3889,8 @@ class Report:
 
     @property
     def wrote(self) -> bool:
-        """Whether Defender may have changed: a write was sent, even if its answer never came."""
-        sent = any(stats.calls for name, stats in self.api.items() if name in WRITE_ENDPOINTS)
+        """Whether Defender may have changed: a write it did not refuse, even one whose answer never came."""
+        sent = any(stats.unrefused for name, stats in self.api.items() if name in WRITE_ENDPOINTS)
         return bool(self.created or self.updated or self.deleted or sent
                     or any(t.wrote for t in self.tenants.values()))
 
@@ -4169,7 +4190,10 @@ def evidence_keys(item: Any) -> list[tuple[str, str]] | None:
             continue
         if name == "url":  # with a scheme or without one (a network destination is often a bare host)
             text = value.strip()
-            keys += _host_keys(urlsplit(text if "://" in text else "//" + text).hostname or "")
+            try:
+                keys += _host_keys(urlsplit(text if "://" in text else "//" + text).hostname or "")
+            except ValueError:  # "[evil", an odd port: no host to match; the value itself may still be a URL
+                pass
         try:
             keys.append((indicator_type, NORMALISERS[indicator_type](value)))
         except Rejected:
@@ -4486,11 +4510,11 @@ class TenantRun:
         partial = bool(args.event)  # some events on purpose: creates and updates, never a delete
         held: dict[tuple[str, str], Candidate | None] = {}
         still_selected: frozenset = frozenset()
-        if not partial:
-            own_view = misp.selecting_for(s)
-            with misp_lock:
-                held = held_by_edited_events(own_view, [e.key for e in self.existing if e.owned], s, status,
-                                             being_edited)
+        own_view = misp.selecting_for(self.selection)  # (--event: the events it would select anyway)
+        with misp_lock:
+            held = held_by_edited_events(own_view, [e.key for e in self.existing if e.owned], self.selection,
+                                         status, being_edited)
+            if not partial:
                 stale = [key for key in stale_keys(desired, self.existing, args.full_sync) if key not in held]
                 still_selected = confirm_with_misp(own_view, stale, s, status)
         whole_view: dict[tuple[str, str], Candidate | None] = {}
@@ -4509,12 +4533,11 @@ class TenantRun:
                                                status)
                 if whole_view:
                     the_plan = decide()
-            if not partial:
-                with misp_lock:
-                    edited = from_edited_events(own_view, the_plan, self.existing, self.read, s, status)
-                if edited or not status.complete:
-                    held |= dict.fromkeys(edited - held.keys())
-                    the_plan = decide()
+            with misp_lock:
+                edited = from_edited_events(own_view, the_plan, self.existing, self.read, self.selection, status)
+            if edited or not status.complete:
+                held |= dict.fromkeys(edited - held.keys())
+                the_plan = decide()
         report.misp_error = status.error
         if otx is not None and the_plan.creates:
             exclude_known_to_otx(the_plan, otx, report)
@@ -4682,8 +4705,8 @@ def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], setting
     """Of these owned keys, the ones an event carries that was published and is now being edited.
 
     Any edit unpublishes a MISP event until someone republishes it. Like MISP's own sync, the last
-    published state stands meanwhile: so the attributes of such events count whatever their
-    to_ids or deleted flags say now (those edits take effect at the republish).
+    published state stands meanwhile: so the attributes edited since the last publish count
+    whatever their to_ids or deleted flags say now (those edits take effect at the republish).
     """
     if not keys or not status.complete or not holds_edits(settings):
         return {}
@@ -4692,9 +4715,13 @@ def held_by_edited_events(misp: MispSource, keys: list[tuple[str, str]], setting
     events, edited = being_edited.of(misp)
     for event in events:
         map_one = event_mapper(event_context(event), settings, now)
+        published_at = epoch_or(event.get("publish_timestamp"))
         for attribute in event_attributes(event, settings.misp_flatten_attributes):
             if isinstance(attribute, dict):
-                for outcome in map_one({**attribute, "to_ids": True, "deleted": False}):
+                # Edited since the last publish: its to_ids and deleted flags may be the edit's. Not
+                # edited since: as it stands, it is as it was published.
+                since = epoch_or(attribute.get("timestamp")) > published_at
+                for outcome in map_one({**attribute, "to_ids": True, "deleted": False} if since else attribute):
                     if type(outcome) is Candidate and outcome.key in wanted:
                         held[outcome.key] = stronger(held[outcome.key], outcome) if outcome.key in held else outcome
     if not edited.complete:
@@ -4710,7 +4737,7 @@ def from_edited_events(misp: MispSource, the_plan: Plan, existing: list[Existing
     event's current content does not say: its uuid does (in the indicator's description). Until
     the republish, the last published state stands, as it does for MISP's own sync. The events
     this run read are published, so only the others are asked about. When MISP cannot say, the
-    read counts as incomplete: nothing is deleted or replaced.
+    read counts as incomplete, and every indicator asked about stays exactly as it is.
     """
     touched = {*changed_by_events(the_plan, existing),
                *((d.indicator_type, d.value) for d in the_plan.deletes + the_plan.replaced + the_plan.replaced_first)}
@@ -4719,9 +4746,9 @@ def from_edited_events(misp: MispSource, the_plan: Plan, existing: list[Existing
         return set()
     try:
         edited = misp.being_edited(e.event_uuid for e in asked)
-    except Misp2DefenderError as exc:
+    except Misp2DefenderError as exc:  # unknown: each stays exactly as it is
         status.fail(f"MISP check of events being edited failed: {exc}")
-        return set()
+        return {e.key for e in asked}
     return {e.key for e in asked if e.event_uuid in edited}
 
 
@@ -4924,7 +4951,7 @@ def check_stages(checks: Checklist, tenants: list[Settings]) -> None:
             checks.fail(f"MISP: {MISP_KEY_MISSING}", FIXES["misp_key"])
     except Misp2DefenderError as exc:
         checks.error(exc)
-    if shared.misp_sightings:
+    if shared.misp_sightings and (shared.sightings_misp_key or shared.misp_key):  # (no key: said above)
         check_sightings_key(checks, shared, policy)
     if shared.decay_model and misp is not None:
         tenants = check_decay(checks, misp, tenants)
@@ -5066,6 +5093,11 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated(f"stopped by signal {signum}")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    STOPPING.set()  # Ctrl-C: the same, as an interrupt
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     STOPPING.clear()  # (main may run more than once in a process: tests, embedding callers)
@@ -5076,6 +5108,7 @@ def main(argv: list[str] | None = None) -> int:
     tenants: list[Settings] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous_interrupt = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
     error: Misp2DefenderError | None = None
     try:
         raw = load_config_module(args.config)
@@ -5116,6 +5149,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+        if previous_interrupt is not None:
+            signal.signal(signal.SIGINT, previous_interrupt)
         PROGRESS.clear()
         PROGRESS.stream = None
         report.finished = time.time()

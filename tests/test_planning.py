@@ -173,6 +173,21 @@ def test_desired_keeps_only_held_keys_and_the_best_others_in_full() -> None:
     assert values(result.left_out) == ["LOW2.top", "medium.top"]
 
 
+def test_the_left_out_list_keeps_one_entry_per_value_and_the_best_values() -> None:
+    bounded = m2d.Desired(interesting=frozenset(), room=1)
+    bounded.add(candidate("kept.top", severity="High"))
+    for event in range(600):  # two values met again and again: each still takes one place in the list
+        for value in ("again.top", "and-again.top"):
+            bounded.add(candidate(value, stamp=NOW - event))
+    for number in range(1500):
+        bounded.add(candidate(f"other{number:04d}.top", severity="Low"))
+    bounded.finish()
+    listed = [c.value for c in bounded.evicted_sample]
+    assert len(listed) == len(set(listed)) == m2d.EVICTED_LISTED
+    assert listed[:2] == ["and-again.top", "again.top"] or listed[:2] == ["again.top", "and-again.top"]
+    assert bounded.evicted == 1502
+
+
 @pytest.mark.parametrize("held, config, reason", [
     (dict(generate_alert=True), {"defender_generate_alert": False, "defender_action": "Block"},
      "generateAlert → False"),

@@ -88,6 +88,62 @@ def test_an_edited_event_the_edited_read_misses_still_holds_its_values(tool: Too
     assert any("uuid" in c.body for c in tool.misp.calls("events")), "asked about the event by uuid"
 
 
+def indicators(tool: Tool) -> set[tuple]:
+    return {(i["indicatorType"], i["indicatorValue"], i["action"], i["severity"], i["title"])
+            for i in tool.defender.active()}
+
+
+def shared_domain_event(uuid: str, tags: list[str], info: str = "") -> dict:
+    return {"Event": {"uuid": uuid, "info": info or f"event {uuid[:8]}", "published": True,
+                      "Tag": [{"name": 'workflow:state="complete"'}, *({"name": t} for t in tags)],
+                      "Attribute": [{"uuid": uuid[:-1] + "9", "type": "domain", "category": "Network activity",
+                                     "to_ids": True, "value": "shared-c2.top"}]}}
+
+
+def test_when_misp_cannot_say_whether_an_event_is_edited_its_indicators_stay_as_they_are(tool: Tool) -> None:
+    high, medium = "73000000-0000-4000-8000-000000000001", "74000000-0000-4000-8000-000000000001"
+    tool.misp.add_event(shared_domain_event(high, ['misp:threat-level="high-risk"']))
+    tool.misp.add_event(shared_domain_event(medium, []))
+    assert tool.run().code == 0
+    before = indicators(tool)
+    assert ("DomainName", "shared-c2.top", "Audit", "High") in {i[:4] for i in before}
+    tool.misp.set_attribute(high[:-1] + "9", value="shared-c3.top")  # the high-risk event is being edited
+    tool.misp.inject("events", status=500, times=20, match=lambda rec: "uuid" in rec.body)
+    result = tool.run("--full-sync")
+    assert result.code == 1 and "being edited" in result.stderr
+    assert before <= indicators(tool)  # not downgraded to the other event's Medium while MISP could not say
+
+
+def test_an_indicator_names_the_event_that_gives_it_now_so_an_unrelated_edit_holds_nothing(tool: Tool) -> None:
+    one, two = "75000000-0000-4000-8000-000000000001", "76000000-0000-4000-8000-000000000001"
+    tool.misp.add_event(shared_domain_event(one, [], info="the same campaign"))  # the same title: only the
+    tool.misp.add_event(shared_domain_event(two, [], info="the same campaign"))  # description tells them apart
+    assert tool.run("--full-sync").code == 0
+
+    def description() -> str:
+        return next(i["description"] for i in tool.defender.active() if i["indicatorValue"] == "shared-c2.top")
+    named, other = (one, two) if one in description() else (two, one)
+    tool.misp.set_attribute(named[:-1] + "9", to_ids=False)
+    tool.misp.publish(named)  # published without the value: the other event gives it now
+    moved = tool.run("--full-sync")
+    assert moved.code == 0 and moved.counts["updated"] == 1 and other in description()
+    tool.misp.tag_event(named, "analyst:note")  # an edit that has nothing to do with the value
+    tool.misp.remove_event(other)
+    gone = tool.run("--full-sync")
+    assert gone.code == 0, gone.stderr
+    assert ("DomainName", "shared-c2.top") not in tool.owned_keys()
+
+
+def test_pushing_one_event_never_changes_what_an_edited_event_holds(tool: Tool) -> None:
+    assert tool.run().code == 0
+    before = indicators(tool)
+    tool.misp.tag_event(EVENT_01, "analyst:note")  # event 01 is being edited
+    result = tool.run("--event", EVENT_03)
+    assert result.code == 0, result.stderr
+    assert indicators(tool) == before
+    assert (result.counts["created"], result.counts["updated"], result.counts["deleted"]) == (0, 0, 0)
+
+
 def test_a_retraction_inside_an_edit_takes_effect_at_the_republish(tool: Tool) -> None:
     assert tool.run().code == 0
     tool.misp.set_attribute(ATTR_40103_IP, to_ids=False)  # event 01 is now unpublished

@@ -147,7 +147,8 @@ def test_dry_run_lists_the_sightings_it_would_add(tool: Tool, sightings_on: dict
 def test_hostile_alerts_never_crash_and_every_skipped_item_is_counted(tool: Tool, sightings_on: dict) -> None:
     assert tool.run(**sightings_on).code == 0
     odd = ["not an object", None, 42, {"sha1": 12345}, {"ipAddress": None}, {"url": ["x"]},
-           {"domainName": "CONTOSO", "entityType": "User"}, {"sha256": "zz"}]
+           {"domainName": "CONTOSO", "entityType": "User"}, {"sha256": "zz"}, {"url": "[evil"},
+           {"url": "http://[not-an-ip]/x"}]
     tool.defender.add_alert(evidence=odd, firstEventTime=FIRST_EVENT)
     tool.defender.add_alert(evidence=None, firstEventTime=None)
     tool.defender.add_alert(evidence=[{"ipAddress": "185.225.17.88"}] * 5000, firstEventTime=FIRST_EVENT)

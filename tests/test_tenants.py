@@ -290,14 +290,15 @@ def test_a_malformed_tenants_list_stops_before_anything_is_contacted(tool: Tool,
     assert tool.misp.calls() == [] and tool.entra.calls() == [] and tool.defender.calls() == []
 
 
-def test_sigterm_stops_every_tenant_at_its_next_call(tool: Tool, customers: list[Customer]) -> None:
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_stops_every_tenant_at_its_next_call(tool: Tool, customers: list[Customer], how: int) -> None:
     acme, globex, _ = customers
     for customer in (acme, globex):
         customer.defender.inject("import", delay=1.0, times=100)  # 8 slow batches each
     child, _ = tool.spawn(max_indicators_per_query=5, tenants=[acme.entry(), globex.entry()])
     assert wait_for(lambda: acme.defender.calls("import") and globex.defender.calls("import"), seconds=30)
     started = time.monotonic()
-    child.send_signal(signal.SIGTERM)
+    child.send_signal(how)
     _, err = child.communicate(timeout=30)
     assert child.returncode == 1 and "interrupted" in err
     assert time.monotonic() - started < 5, "the tenants' threads went on importing after SIGTERM"

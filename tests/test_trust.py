@@ -662,6 +662,13 @@ def test_a_write_whose_answer_was_lost_still_means_something_changed(tool: Tool)
     assert result.code == 1, "a BatchDelete was sent: Defender may have changed, so not 2"
 
 
+def test_a_write_defender_refused_outright_still_means_nothing_changed(tool: Tool) -> None:
+    tool.defender.inject("import", status=403, times=10)  # an app that may read but not write
+    result = tool.run()
+    assert result.report["fatal"] and result.counts["created"] == 0
+    assert result.code == 2, "Defender refused every write: nothing changed"
+
+
 def test_check_names_an_untrusted_otx_certificate(tool: Tool, tmp_path: Path) -> None:
     from tests.standins.tls import make_test_pki
 
