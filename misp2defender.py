@@ -944,10 +944,12 @@ def did_you_mean(word: str, known: Iterable[str]) -> str:
     return f" did you mean {close[0]}?" if close else ""
 
 
-def _warn_if_short(name: str, secret: str, notes: list[str]) -> None:
+def short_secret_note(label: str, secret: str) -> str:
+    """A warning when ``secret`` is too short to be redacted everywhere; "" otherwise."""
     if secret and len(secret) < SHORT_SECRET:
-        notes.append(f"config key {name} is shorter than {SHORT_SECRET} characters: it is redacted from output "
-                     "only where it stands as a whole word; use the full secret")
+        return (f"{label} is shorter than {SHORT_SECRET} characters: it is redacted from output only where "
+                "it stands as a whole word; use the full secret")
+    return ""
 
 
 def beside_config(path: str, folder: Path | None) -> str:
@@ -1167,7 +1169,8 @@ def _checked_settings(raw: Mapping[str, Any], environ: Mapping[str, str], config
     for key, secret in (("misp_key", misp_key), ("otx_alienvault_api", otx_key),
                         ("graph_auth['client_secret']", client_secret),
                         ("sightings_misp_key", fields["sightings_misp_key"])):
-        _warn_if_short(key, secret, notes)
+        if note := short_secret_note(f"config key {key}", secret):
+            notes.append(note)
 
     return Settings(
         **fields, name=name,
@@ -1537,9 +1540,8 @@ class MispSource:
     def being_edited(self, uuids: Iterable[str]) -> set[str]:
         """Of these events, the ones MISP still holds that were published and are unpublished now
         (being edited). By uuid alone: an edit may have taken out what the filters select on."""
-        uuids, found = sorted(set(uuids)), set()
-        for start in range(0, len(uuids), 100):
-            batch = uuids[start:start + 100]
+        found: set[str] = set()
+        for batch in chunks(sorted(set(uuids)), 100):
             events = self.search("events", "MISP events being edited", events_of_page,
                                  uuid=batch, metadata=True, limit=len(batch), page=1)
             found.update(str(e.get("uuid")).lower() for e in events
@@ -1556,9 +1558,9 @@ class MispSource:
         filters.pop("limit", None)
         filters.pop("page", None)
         found = []
-        for start in range(0, len(values), 200):
+        for batch in chunks(values, 200):
             # The user's filters may name to_ids too: only to_ids attributes become indicators.
-            query = {**filters, **self.settings.decay_query, **(extra or {}), "value": values[start:start + 200],
+            query = {**filters, **self.settings.decay_query, **(extra or {}), "value": batch,
                      "to_ids": 1, "include_event_tags": True}
             attributes = self.search("attributes", "MISP value check", attributes_of_answer, **query)
             found.extend(a for a in attributes if self.settings.misp_flatten_attributes
@@ -3076,11 +3078,9 @@ def read_key_vault(tenants: list[Settings], deadline: Deadline) -> list[Settings
         return tenants
     vault = KeyVault(common, common.retry_policy(deadline))
     values = {name: vault.secret(name) for name in sorted(names)}
-    notes: list[str] = []
     for name, value in values.items():
-        _warn_if_short(f"Key Vault secret {name!r}", value, notes)
-    for note in notes:
-        log.warning("%s", note.removeprefix("config key "))
+        if note := short_secret_note(f"Key Vault secret {name!r}", value):
+            log.warning("%s", note)
 
     def filled(settings: Settings) -> Settings:
         return dataclasses.replace(settings, **{SECRET_FIELDS[key]: values[name]
@@ -4253,11 +4253,10 @@ class MispSightings:
 
     def present(self, sightings: list[Sighting]) -> set[tuple[str, int, str]]:
         """(source, type, value as MISP spells it, lower-cased) of the sightings MISP holds for these alerts."""
-        sources = sorted({s.source for s in sightings})
         held: set[tuple[str, int, str]] = set()
-        for start in range(0, len(sources), 100):
+        for batch in chunks(sorted({s.source for s in sightings}), 100):
             rows = self.source.direct("sightings/restSearch", "MISP sightings search", sightings_of_answer,
-                                      {"source": sources[start:start + 100], "last": 0, "returnFormat": "json"})
+                                      {"source": batch, "last": 0, "returnFormat": "json"})
             for row in rows:
                 value = str(row.get("value") or "").lower()
                 held.update((str(row.get("source")), int(row.get("type") or 0), part) for part in value.split("|"))
@@ -4529,8 +4528,7 @@ class TenantRun:
             windowed = not args.full_sync and any(key in s.misp_event_filters for key in TIME_WINDOW_FILTERS)
             if partial or windowed or not status.complete:  # a view of the selection in part
                 with misp_lock:
-                    whole_view = whole_view_of(misp.selecting_for(self.selection), the_plan, self.existing, s,
-                                               status)
+                    whole_view = whole_view_of(own_view, the_plan, self.existing, s, status)
                 if whole_view:
                     the_plan = decide()
             with misp_lock:
