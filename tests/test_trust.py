@@ -6,6 +6,7 @@ stand-ins, and shows that it no longer does.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -209,10 +210,17 @@ def test_killing_a_run_leaves_no_helper_and_the_next_run_starts(tool: Tool, when
     helpers = children_of(child.pid)
     assert helpers, "no helper process found"
     lock = str(tool.tmp / "misp2defender.lock")
-    for helper in helpers:  # it holds nothing of its parent's
-        targets = {os.readlink(fd) for fd in Path(f"/proc/{helper}/fd").iterdir() if fd.name.isdigit()}
-        assert lock not in targets
-        assert os.readlink(f"/proc/{helper}/fd/1") == os.devnull == os.readlink(f"/proc/{helper}/fd/2")
+
+    def holds_nothing_of_its_parents(helper: int) -> bool:
+        try:
+            targets = {os.readlink(fd) for fd in Path(f"/proc/{helper}/fd").iterdir() if fd.name.isdigit()}
+            return lock not in targets and os.readlink(f"/proc/{helper}/fd/1") == os.devnull == os.readlink(
+                f"/proc/{helper}/fd/2")
+        except FileNotFoundError:
+            return False
+    for helper in helpers:  # (a helper just forked closes what it must at once: give it that moment)
+        assert wait_for(functools.partial(holds_nothing_of_its_parents, helper), seconds=3), \
+            f"process {helper} holds its parent's lock or output"
     child.send_signal(how)
     out, err = child.communicate(timeout=15)  # whoever reads the output sees it end
     # At once, whatever it was doing: not when its MISP read ends.
